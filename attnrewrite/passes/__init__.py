@@ -1,0 +1,1 @@
+"""Graph passes: find attention, analyse masks, canonicalise, lower, clean up."""

@@ -1,0 +1,276 @@
+"""Canonicalise: every accepted site becomes one ``attention`` node on (B, H, N, d) tensors.
+
+Reads: the :class:`~attnrewrite.passes.find_attention.SiteMatch` records of the sites to rewrite.
+Changes: for each, inserts the canonical q, k, v (scale and grouped-KV repeats stripped, axes moved
+to (batch, heads, seq, feature)), the canonical mask, and one call of :func:`attention` carrying the
+site in ``meta["attnrewrite_site"]``; the site's output node is replaced by the canonical output moved
+back to the model's layout. After this pass the graph no longer depends on how the model spelled
+attention; lowering the ``attention`` node to ``scaled_dot_product_attention`` is exact.
+
+Masks: ``general`` sites get the full additive (or boolean keep) mask; ``key`` and ``causal+key``
+sites get only the key term, shaped (B|1, H|1, 1, Nk), computed by pushing a "last query row" slice
+up the mask's own computation so the dense O(N²) mask is no longer needed (and disappears in the
+dead-code pass). The last row is the key term for both classes: for ``causal+key`` the causal
+condition j <= Nq−1 only drops keys that every row drops anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, fx
+
+from attnrewrite.passes import graph as G
+from attnrewrite.passes.base import Emitter, PassResult, aten
+from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
+from attnrewrite.site import MaskClass
+from attnrewrite.variants.base import combine_mask, repeat_kv
+
+SITE_META = "attnrewrite_site"
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
+              causal: bool = False, scale: float = 1.0, dropout_p: float = 0.0) -> Tensor:
+    """The canonical attention op: exact softmax attention on (B, H, N, d) tensors."""
+    heads = query.shape[1]
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)
+    attn_mask = combine_mask(mask, causal, query.shape[-2], key.shape[-2], query.device)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(query.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+_ELEMENTWISE_ROW = frozenset({
+    "add", "sub", "rsub", "mul", "div", "where", "masked_fill", "__and__", "__or__", "__invert__",
+    "bitwise_and", "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "eq",
+    "ne", "lt", "le", "gt", "ge", "to", "_to_copy", "clone", "contiguous", "alias", "neg", "exp",
+    "log", "minimum", "maximum", "clamp", "abs",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Canonicalize:
+    """Insert one canonical ``attention`` node per accepted site."""
+
+    name: ClassVar[str] = "canonicalize"
+    matches: tuple[SiteMatch, ...]
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        rows: dict[fx.Node, fx.Node] = {}
+        done = 0
+        failed: dict[str, str] = {}
+        for match in self.matches:
+            problem = canonicalize_site(gm.graph, match, rows)
+            if problem:
+                failed[match.site.name] = problem
+            else:
+                done += 1
+        return PassResult(gm, done > 0, {"canonicalized": done, "failed": failed})
+
+
+def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> str | None:
+    """Rewrite one site; return a reason (and leave the graph as it was) if it cannot be done."""
+    created_before = set(graph.nodes)
+    emit = Emitter(graph, match.output)
+    try:
+        out = _build(emit, match, rows)
+    except _Refuse as why:
+        out = None
+        reason = str(why)
+    if out is None:
+        for node in reversed(list(graph.nodes)):
+            if node not in created_before and not node.users:
+                graph.erase_node(node)
+        for k in [k for k, v in rows.items() if v not in set(graph.nodes)]:
+            del rows[k]
+        return reason if "reason" in locals() else "could not build canonical tensors"
+    match.output.replace_all_uses_with(out)
+    return None
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _build(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> fx.Node:
+    site = match.site
+    frame = match.frame_batch
+    q_batch = match.batch_letters
+    q = _canonical_operand(emit, match.query, q_batch, match.score_batch, frame)
+    k = _canonical_operand(emit, match.key, q_batch, match.score_batch, frame, keep_heads=True)
+    p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
+    v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, keep_heads=True)
+    mask = _canonical_mask(emit, match, rows)
+    causal = site.mask.is_causal
+    node = emit.call(attention, q, k, v, mask=mask, causal=causal, scale=site.scale,
+                     dropout_p=site.dropout_p)
+    node.meta[SITE_META] = site
+    return _restore_output(emit, node, match)
+
+
+def _canonical_operand(emit: Emitter, op: Operand, batch_order: str, batch_sizes: tuple[Any, ...],
+                       frame: tuple[Any, ...], keep_heads: bool = False) -> fx.Node:
+    x = op.source
+    for n in op.replay:
+        x = emit.copy(n, x)
+    letters = op.letters
+    perm = [letters.index(c) for c in batch_order if c in letters]
+    perm += [letters.index(op.seq), letters.index(op.feature)]
+    if len(perm) != len(letters):
+        raise _Refuse("an operand has axes that are neither batch, sequence nor feature")
+    x = emit.permute(x, perm)
+    for i, c in enumerate(batch_order):
+        if c not in letters:
+            x = emit.unsqueeze(x, i)
+    shp = G.shape(x)
+    nb = len(batch_order)
+    x_batch = shp[:nb]
+    if not _same_shape(batch_sizes, frame):
+        if not all(G.same_size(a, b) for a, b in zip(x_batch, batch_sizes)):
+            x = emit.call(aten.expand.default, x, [*[_size_arg(s) for s in batch_sizes], -1, -1])
+        x = emit.reshape(x, [*frame, shp[-2], shp[-1]])
+        if x is None:
+            raise _Refuse("cannot express the batch reshape with symbolic sizes")
+    return _to_4d(emit, x, len(frame), keep_heads)
+
+
+def _size_arg(s: Any) -> Any:
+    return s if isinstance(s, int) else -1
+
+
+def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(G.same_size(x, y) for x, y in zip(a, b))
+
+
+def _to_4d(emit: Emitter, x: fx.Node, nb: int, keep_heads: bool) -> fx.Node:
+    if nb == 2:
+        return x
+    if nb == 1:
+        return emit.unsqueeze(x, 1)
+    if nb == 0:
+        return emit.unsqueeze(emit.unsqueeze(x, 0), 0)
+    shp = G.shape(x)
+    lead = shp[: nb - 1]
+    out = emit.reshape(x, [_prod(lead), shp[nb - 1], shp[-2], shp[-1]])
+    if out is None:
+        raise _Refuse("cannot flatten leading batch axes")
+    return out
+
+
+def _prod(sizes: Any) -> Any:
+    n: Any = 1
+    for s in sizes:
+        n = n * s
+    return n
+
+
+def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch) -> fx.Node:
+    """(B, H, Nq, dv) -> the value product's own layout."""
+    nb = len(match.frame_batch)
+    shp = G.shape(node)
+    x = node
+    if nb == 1:
+        x = emit.call(aten.squeeze.dim, x, 1)
+    elif nb == 0:
+        x = emit.call(aten.squeeze.dim, emit.call(aten.squeeze.dim, x, 0), 0)
+    elif nb > 2:
+        x = emit.reshape(x, [*match.frame_batch, shp[-2], shp[-1]])
+    if x is None:
+        raise _Refuse("cannot restore the output layout")
+    shp = G.shape(x)
+    if not _same_shape(match.out_batch, match.frame_batch):
+        x = emit.reshape(x, [*match.out_batch, shp[-2], shp[-1]])
+        if x is None:
+            raise _Refuse("cannot restore the output batch layout")
+    p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
+    current = p_batch + match.out_q + match.out_e
+    perm = [current.index(c) for c in match.out_letters]
+    x = emit.permute(x, perm)
+    want = G.shape(match.output)
+    if G.dtype(x) is not None and G.dtype(match.output) is not None and G.dtype(x) != G.dtype(match.output):
+        x = emit.call(aten.to.dtype, x, G.dtype(match.output))
+    if want is not None and G.shape(x) is not None and len(want) != len(G.shape(x)):
+        raise _Refuse("output rank mismatch")
+    return x
+
+
+# -- masks -------------------------------------------------------------------------------------------
+
+def _canonical_mask(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    cls = match.site.mask
+    if cls in (MaskClass.NONE, MaskClass.CAUSAL):
+        return None
+    frame_rank = len(match.frame_batch) + 2
+    key_only = cls.has_key_term
+    dtype = G.dtype(match.anchor.args[0]) if match.site.kind == "manual" else G.dtype(match.query.node)
+    parts: list[fx.Node] = []
+    for term in match.mask_terms:
+        node = _row(emit, term.node, rows) if key_only else term.node
+        parts.append(node)
+    if len(parts) == 1 and match.mask_terms[0].kind == "keep":
+        mask = parts[0]
+    elif len(parts) == 1 and match.mask_terms[0].kind == "add" and match.mask_terms[0].value == 1.0:
+        mask = parts[0]
+    else:
+        mask = None
+        for term, node in zip(match.mask_terms, parts):
+            add = _additive(emit, term, node, dtype)
+            mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
+    for _ in range(frame_rank - G.rank(mask)):
+        mask = emit.unsqueeze(mask, 0)
+    return _to_4d_mask(emit, mask, len(match.frame_batch))
+
+
+def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int) -> fx.Node:
+    if nb == 2:
+        return mask
+    if nb == 1:
+        return emit.unsqueeze(mask, 1)
+    if nb == 0:
+        return emit.unsqueeze(emit.unsqueeze(mask, 0), 0)
+    shp = G.shape(mask)
+    return _to_4d(emit, mask, nb, True) if shp is not None else mask
+
+
+def _additive(emit: Emitter, term: MaskTerm, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
+    if term.kind == "add":
+        out = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
+        return out
+    zero = 0.0
+    if term.kind == "fill":
+        return emit.call(aten.where.ScalarSelf, node, term.value, emit.call(
+            aten.scalar_tensor.default, zero, dtype=dtype or torch.float32))
+    return emit.call(aten.where.ScalarOther, node, emit.call(
+        aten.scalar_tensor.default, zero, dtype=dtype or torch.float32), term.value)
+
+
+def _row(emit: Emitter, node: fx.Node, rows: dict[fx.Node, fx.Node]) -> fx.Node:
+    """``node[..., -1:, :]`` (the last query row), computed by pushing the slice to the leaves."""
+    if node in rows:
+        return rows[node]
+    shp = G.shape(node)
+    if shp is None or len(shp) < 2 or G.is_one(shp[-2]):
+        rows[node] = node
+        return node
+    name = G.op_name(node)
+    out_rank = len(shp)
+    if name in _ELEMENTWISE_ROW:
+        def sub(a: Any) -> Any:
+            if isinstance(a, fx.Node) and G.rank(a) >= 2 and out_rank - G.rank(a) <= out_rank - 2:
+                return _row(emit, a, rows)
+            return a
+        args = [sub(a) for a in node.args]
+        kwargs = {k: sub(v) for k, v in node.kwargs.items()}
+        new = emit.call(node.target, *args, **kwargs)
+    elif name == "expand":
+        src = _row(emit, node.args[0], rows)
+        sizes = list(G.arg(node, "size"))
+        sizes[-2] = 1
+        new = emit.call(node.target, src, sizes)
+    else:
+        new = emit.call(aten.slice.Tensor, node, out_rank - 2, -1, None)
+    rows[node] = new
+    return new

@@ -1,0 +1,724 @@
+"""Find softmax-attention sites in an ATen-level FX graph by walking dataflow.
+
+Reads: a ``GraphModule`` captured by ``torch.export`` (ATen training IR, ``meta["val"]`` on nodes).
+Changes: nothing. Produces: one :class:`SiteMatch` per site — the facts (:class:`AttentionSite`) plus
+the graph positions the canonicalisation needs — and, in debug mode, why each other softmax was not
+taken as attention.
+
+A manual site is anchored on a softmax over the last axis of its input. Upward, the walk passes
+casts, copies, batch-only reshapes, scalar scales, additive masks, ``masked_fill`` and ``where`` with
+a masked fill value, to a product whose output's last two axes are (query, key): the key axis must
+be a free axis of one operand (K) and the query axis a free axis of the other (Q), with exactly one
+contracted axis (the feature axis). Downward, it passes casts, copies, dropout and batch-only
+reshapes to a product that contracts the key axis — and only it — with a value operand. Anything else
+(softmax over the query or head axis, kᵀ·q, a product with no value operand) is not attention, and
+the debug log says why.
+
+An ``F.scaled_dot_product_attention`` call is a site as it stands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import fx
+
+from attnrewrite.passes import graph as G
+from attnrewrite.passes.mask_analysis import AbstractValue, MaskAnalysis, _masked
+from attnrewrite.passes.products import Product, as_product
+from attnrewrite.site import AttentionSite, MaskClass
+
+SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "special_softmax"})
+SDPA_OPS = frozenset({"scaled_dot_product_attention"})
+_COPIES = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy"})
+_CASTS = frozenset({"to", "_to_copy", "type_as"})
+_RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten",
+                       "unflatten", "expand"})
+_DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
+
+
+class NotAttention(Exception):
+    """Raised inside the walk with the reason a softmax is not taken as attention."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskTerm:
+    """One mask/bias applied to the scores.
+
+    kind: ``add`` (scores + scale·node), ``fill`` (positions where node is True get ``value``),
+    ``keep`` (positions where node is False get ``value``).
+    """
+
+    kind: str
+    node: fx.Node
+    value: float
+    frame: fx.Node
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """How to build a canonical (batch..., seq, feature) tensor from a product operand.
+
+    ``replay`` lists permutation/copy nodes to re-apply on top of ``source`` (the node before a
+    stripped scale or head repeat) to recover the operand's layout; ``factor`` is the stripped scale.
+    """
+
+    node: fx.Node
+    letters: str
+    seq: str
+    feature: str
+    source: fx.Node
+    replay: tuple[fx.Node, ...] = ()
+    factor: float = 1.0
+    kv_source_heads: Any = None  # heads before a stripped repeat (grouped KV), else None
+    repeat_letter: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteMatch:
+    """A found site: the facts plus where it sits in the graph."""
+
+    site: AttentionSite
+    anchor: fx.Node
+    output: fx.Node
+    query: Operand | None
+    key: Operand | None
+    value: Operand | None
+    batch_letters: str
+    frame_batch: tuple[Any, ...]
+    score_batch: tuple[Any, ...]
+    out_letters: str
+    out_batch: tuple[Any, ...]
+    out_q: str
+    out_e: str
+    mask_terms: tuple[MaskTerm, ...]
+    mask_value: AbstractValue | None
+    sdpa_causal: bool = False
+    canonical_problem: str | None = None
+
+
+@dataclasses.dataclass
+class FindResult:
+    matches: list[SiteMatch]
+    rejected: list[tuple[str, str]]  # (node name, reason)
+
+
+def find_sites(gm: fx.GraphModule, *, debug: bool = False) -> FindResult:
+    """All attention sites of ``gm`` in graph order."""
+    analysis = MaskAnalysis(gm)
+    matches: list[SiteMatch] = []
+    rejected: list[tuple[str, str]] = []
+    for node in gm.graph.nodes:
+        name = G.op_name(node)
+        try:
+            if name in SOFTMAX_OPS:
+                matches.append(_manual_site(gm, node, analysis))
+            elif name in SDPA_OPS:
+                matches.append(_sdpa_site(gm, node, analysis))
+        except NotAttention as why:
+            rejected.append((node.name, str(why)))
+    _name_sites(matches)
+    return FindResult(matches, rejected)
+
+
+def _name_sites(matches: list[SiteMatch]) -> None:
+    """Give every site a unique name: its module path, suffixed when a module holds several."""
+    seen: dict[str, int] = {}
+    for m in matches:
+        seen[m.site.name] = seen.get(m.site.name, 0) + 1
+    counters: dict[str, int] = {}
+    for i, m in enumerate(matches):
+        base = m.site.name or "<root>"
+        if seen[m.site.name] > 1:
+            k = counters.get(base, 0)
+            counters[base] = k + 1
+            base = f"{base}#{k}"
+        object.__setattr__(m, "site", m.site.replace(name=base))
+        matches[i] = m
+
+
+# -- manual sites -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _ScoreWalk:
+    product: Product
+    chain: list[fx.Node]
+    scale: float
+    terms: list[MaskTerm]
+
+
+def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
+    x = node.args[0]
+    r = G.rank(x)
+    dim = G.normalize_dim(G.arg(node, "dim"), r)
+    out_dt, in_dt = G.dtype(node), G.dtype(x)
+    upcast = bool(out_dt and in_dt and out_dt.itemsize > in_dt.itemsize)
+    return x, dim, upcast
+
+
+def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -> SiteMatch:
+    scores, dim, upcast = _softmax_parts(softmax)
+    r = G.rank(scores)
+    if r < 2:
+        raise NotAttention("softmax of a vector (no query axis)")
+    if dim != r - 1:
+        raise NotAttention(f"softmax over axis {dim}, not the last axis of its (..., query, key) input")
+    walk = _walk_scores(gm, scores, analysis)
+    prod = walk.product
+    q_letter, k_letter = prod.out_letters[-2], prod.out_letters[-1]
+    k_side = prod.side_of_free(k_letter)
+    q_side = prod.side_of_free(q_letter)
+    if k_side is None or q_side is None or k_side == q_side:
+        raise NotAttention("the score product is not q·kᵀ (query and key axes do not come from "
+                           "different operands)")
+    if len(prod.contracted) != 1:
+        raise NotAttention(f"the score product contracts {len(prod.contracted)} axes, not one")
+    (feature,) = prod.contracted
+    q_node, q_letters = prod.operand(q_side)
+    k_node, k_letters = prod.operand(k_side)
+    batch_letters = prod.out_letters[:-2]
+    for b in batch_letters:
+        if b not in q_letters and b not in k_letters:
+            raise NotAttention("a batch axis of the scores comes from neither operand")
+    extra = set(q_letters + k_letters) - set(prod.out_letters) - {feature}
+    if extra:
+        raise NotAttention("the score product reduces axes other than the feature axis")
+
+    # Downward: the value product.
+    probs_end, dropout_p, escape, down_chain = _walk_probs(softmax)
+    vprod = as_product(probs_end)
+    if vprod is None:
+        raise NotAttention(f"the attention probabilities feed {G.op_name(probs_end) or probs_end.op}, "
+                           "not a product with values")
+    p_node = down_chain[-1] if down_chain else softmax
+    if vprod.lhs is p_node and vprod.rhs is not p_node:
+        p_letters, v_node, v_letters = vprod.lhs_letters, vprod.rhs, vprod.rhs_letters
+    elif vprod.rhs is p_node and vprod.lhs is not p_node:
+        p_letters, v_node, v_letters = vprod.rhs_letters, vprod.lhs, vprod.lhs_letters
+    else:
+        raise NotAttention("the probabilities are multiplied with themselves")
+    if vprod.bias is not None or vprod.alpha != 1.0:
+        raise NotAttention("the value product adds a bias or scales (baddbmm)")
+    pq, pk = p_letters[-2], p_letters[-1]
+    if vprod.contracted != {pk}:
+        raise NotAttention("the value product does not contract the key axis (softmax over the "
+                           "query axis, or probabilities used another way)")
+    if pq not in vprod.out_letters:
+        raise NotAttention("the value product reduces the query axis")
+    v_free = [c for c in v_letters if c not in p_letters]
+    if len(v_free) != 1 or v_free[0] not in vprod.out_letters:
+        raise NotAttention("the value operand has no single feature axis")
+    p_batch = p_letters[:-2]
+    if any(c not in vprod.out_letters for c in p_batch):
+        raise NotAttention("the value product reduces a batch axis")
+
+    frame_batch = tuple(G.shape(scores)[:-2])
+    score_batch = tuple(G.shape(prod.node)[:-2])
+    out_batch = tuple(G.shape(p_node)[:-2])
+    query = _operand(gm, q_node, q_letters, q_letter, feature)
+    key = _operand(gm, k_node, k_letters, k_letter, feature)
+    value = _operand(gm, v_node, v_letters, pk, v_free[0])
+    # The value product's own letters for batch/seq differ from the score product's; rename the
+    # value operand to the probabilities' batch letters so one canonical batch order serves both.
+    mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r)
+    causal = mask_class.is_causal
+    problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
+    scale = walk.scale * prod.alpha * query.factor * key.factor
+    heads, kv_heads = _heads(frame_batch, key, batch_letters)
+    q_shape, k_shape, v_shape = G.shape(q_node), G.shape(k_node), G.shape(v_node)
+    q_len = q_shape[q_letters.index(q_letter)]
+    k_len = k_shape[k_letters.index(k_letter)]
+    notes = []
+    if query.factor != 1.0 or key.factor != 1.0:
+        notes.append("scale applied to q/k")
+    if mask_reason:
+        notes.append(mask_reason)
+    if len(frame_batch) == 1:
+        notes.append("heads folded into the batch")
+    site = AttentionSite(
+        name=G.module_path(softmax),
+        kind="manual",
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_int_or(q_shape[q_letters.index(feature)]),
+        value_dim=_int_or(G.shape(v_node)[v_letters.index(v_free[0])]),
+        scale=float(scale),
+        mask=mask_class,
+        causal=causal,
+        dropout_p=dropout_p,
+        is_cross=_is_cross(q_node, k_node, q_len, k_len),
+        weights_escape=escape,
+        query_len=G.size_text(q_len),
+        key_len=G.size_text(k_len),
+        dtype=str(G.dtype(scores)).replace("torch.", ""),
+        upcast=upcast,
+        notes=tuple(notes),
+    )
+    del v_shape
+    return SiteMatch(
+        site=site, anchor=softmax, output=vprod.node, query=query, key=key,
+        value=dataclasses.replace(value, letters=_rename(v_letters, p_letters, vprod)),
+        batch_letters=batch_letters, frame_batch=frame_batch, score_batch=score_batch,
+        out_letters=_rename(vprod.out_letters, p_letters, vprod), out_batch=out_batch,
+        out_q=pq, out_e=v_free[0], mask_terms=tuple(walk.terms), mask_value=mask_value,
+        canonical_problem=problem,
+    )
+
+
+def _rename(letters: str, p_letters: str, vprod: Product) -> str:
+    return letters  # value-product letters are used with the value product's own batch order
+
+
+def _int_or(size: Any) -> int:
+    v = G.as_int(size)
+    return v if v is not None else G.size_hint(size)
+
+
+def _is_cross(q_node: fx.Node, k_node: fx.Node, q_len: Any, k_len: Any) -> bool:
+    if not G.same_size(q_len, k_len):
+        return True
+    return not _share_source(q_node, k_node)
+
+
+def _share_source(a: fx.Node, b: fx.Node, limit: int = 400) -> bool:
+    """Whether q and k derive from a common non-parameter tensor (self-attention)."""
+    def ancestors(n: fx.Node) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        stack = [n]
+        while stack and len(seen) < limit:
+            cur = stack.pop()
+            for i in cur.all_input_nodes:
+                if i not in seen:
+                    seen.add(i)
+                    stack.append(i)
+        return seen
+    common = (ancestors(a) | {a}) & (ancestors(b) | {b})
+    return any(n.op in ("placeholder", "call_function") and G.rank(n) >= 2
+               and n.op != "get_attr" for n in common)
+
+
+def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str) -> tuple[int, int]:
+    if len(frame_batch) >= 2:
+        heads = _int_or(frame_batch[-1])
+    else:
+        heads = 1
+    kv = heads
+    if key.kv_source_heads is not None:
+        kv = _int_or(key.kv_source_heads)
+    elif len(frame_batch) >= 2 and batch_letters:
+        head_letter = batch_letters[-1]
+        if head_letter in key.letters:
+            size = G.shape(key.node)[key.letters.index(head_letter)]
+            if G.is_one(size):
+                kv = 1
+        else:
+            kv = 1
+    return heads, kv
+
+
+def _canonical_problem(walk: _ScoreWalk, scores: fx.Node, frame_batch: tuple[Any, ...],
+                       score_batch: tuple[Any, ...], out_batch: tuple[Any, ...]) -> str | None:
+    """Why the site cannot be put in canonical form (it is still a site), or ``None``."""
+    for term in walk.terms:
+        fb = tuple(G.shape(term.frame)[:-2])
+        if len(fb) != len(frame_batch) or not all(G.same_size(a, b) for a, b in zip(fb, frame_batch)):
+            return "a mask is applied in another batch layout than the softmax"
+    total = _numel(frame_batch)
+    for other in (score_batch, out_batch):
+        if not G.same_size(_numel(other), total):
+            return "the batch axes of the products and the softmax differ in size"
+    return None
+
+
+def _numel(sizes: tuple[Any, ...]) -> Any:
+    n: Any = 1
+    for s in sizes:
+        n = n * s
+    return n
+
+
+def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _ScoreWalk:
+    """From the softmax input up to the score product, collecting scale and mask terms."""
+    chain: list[fx.Node] = []
+    scale = 1.0
+    terms: list[MaskTerm] = []
+    cur = x
+    for _ in range(64):
+        prod = as_product(cur)
+        if prod is not None:
+            if prod.bias is not None:
+                terms.append(MaskTerm("add", prod.bias, prod.beta, cur))
+            return _ScoreWalk(prod, chain, scale, terms)
+        chain.append(cur)
+        name = G.op_name(cur)
+        if name in _COPIES or name in _CASTS:
+            cur = cur.args[0]
+            continue
+        if name in _RESHAPES:
+            src = cur.args[0]
+            if not _keeps_last_two(src, cur):
+                raise NotAttention(f"{name} between the score product and softmax moves the "
+                                   "query/key axes")
+            cur = src
+            continue
+        if name in ("transpose", "permute"):
+            if not _identity_on_last_two(cur):
+                raise NotAttention(f"{name} of the scores swaps axes before softmax")
+            cur = cur.args[0]
+            continue
+        if name in ("mul", "div"):
+            a, b = cur.args[0], cur.args[1]
+            for path, other in ((a, b), (b, a)) if name == "mul" else ((a, b),):
+                factor = G.scalar_value(other, gm)
+                if isinstance(path, fx.Node) and factor is not None:
+                    scale = scale * factor if name == "mul" else scale / factor
+                    cur = path
+                    break
+            else:
+                raise NotAttention(f"scores are {name}-combined with a non-constant tensor")
+            continue
+        if name in ("add", "sub"):
+            alpha = float(G.arg(cur, "alpha", 1))
+            a, b = cur.args[0], cur.args[1]
+            path, other, sign = _score_operand(cur, a, b)
+            if name == "sub":
+                if path is not a:
+                    raise NotAttention("scores are negated")
+                if _is_row_max(other, path):
+                    cur = path  # softmax(x - max x) == softmax(x)
+                    continue
+                sign = -1.0
+            if not isinstance(other, fx.Node):
+                cur = path  # adding a constant to every score changes nothing after softmax
+                continue
+            terms.append(MaskTerm("add", other, sign * alpha, cur))
+            cur = path
+            continue
+        if name == "masked_fill":
+            fill = G.scalar_value(cur.args[2], gm)
+            if fill is None or not _masked(fill):
+                raise NotAttention("masked_fill of the scores with a value that does not mask")
+            terms.append(MaskTerm("fill", cur.args[1], fill, cur))
+            cur = cur.args[0]
+            continue
+        if name == "where" and len(cur.args) == 3:
+            cond, a, b = cur.args
+            va, vb = G.scalar_value(a, gm), G.scalar_value(b, gm)
+            if va is None and vb is None and isinstance(b, fx.Node):
+                vb = analysis.value(b).const if analysis.value(b).is_const else None
+            if va is None and vb is None and isinstance(a, fx.Node):
+                va = analysis.value(a).const if analysis.value(a).is_const else None
+            if vb is not None and _masked(vb) and isinstance(a, fx.Node):
+                terms.append(MaskTerm("keep", cond, vb, cur))
+                cur = a
+                continue
+            if va is not None and _masked(va) and isinstance(b, fx.Node):
+                terms.append(MaskTerm("fill", cond, va, cur))
+                cur = b
+                continue
+            raise NotAttention("where() on the scores does not select a masking value")
+        if name == "getitem" or cur.op != "call_function":
+            raise NotAttention("softmax input does not come from a product")
+        raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
+    raise NotAttention("score chain too long")
+
+
+def _score_operand(node: fx.Node, a: Any, b: Any) -> tuple[fx.Node, Any, float]:
+    """Which operand of an add carries the scores: the one that reaches a product first."""
+    out_shape = G.shape(node)
+    candidates = [x for x in (a, b) if isinstance(x, fx.Node) and _reaches_product(x)]
+    full = [x for x in candidates if G.shape(x) is not None and len(G.shape(x)) == len(out_shape)
+            and all(G.same_size(s, t) for s, t in zip(G.shape(x), out_shape))]
+    pick = (full or candidates or [None])[0]
+    if pick is None:
+        raise NotAttention("neither operand of an add before softmax comes from a product")
+    return pick, (b if pick is a else a), 1.0
+
+
+def _reaches_product(x: fx.Node, depth: int = 24) -> bool:
+    cur = x
+    for _ in range(depth):
+        if as_product(cur) is not None:
+            return True
+        name = G.op_name(cur)
+        if cur.op != "call_function" or not cur.args or not isinstance(cur.args[0], fx.Node):
+            return False
+        if name in ("add", "sub", "mul", "div", "where", "masked_fill"):
+            nexts = [n for n in cur.args if isinstance(n, fx.Node)]
+            if name == "where":
+                nexts = nexts[1:]
+            return any(_reaches_product(n, depth - 1) for n in nexts)
+        cur = cur.args[0]
+    return False
+
+
+def _is_row_max(other: Any, path: fx.Node) -> bool:
+    if not isinstance(other, fx.Node):
+        return False
+    n = other
+    while G.op_name(n) in _COPIES or G.op_name(n) == "detach":
+        n = n.args[0]
+    if G.op_name(n) == "getitem":
+        n = n.args[0]
+    if G.op_name(n) not in ("amax", "max"):
+        return False
+    return n.args[0] is path
+
+
+def _keeps_last_two(src: fx.Node, dst: fx.Node) -> bool:
+    s, d = G.shape(src), G.shape(dst)
+    if s is None or d is None or len(s) < 2 or len(d) < 2:
+        return False
+    if G.op_name(dst) == "expand" and len(d) == len(s):
+        return all(G.same_size(a, b) for a, b in zip(s, d))
+    return G.same_size(s[-1], d[-1]) and G.same_size(s[-2], d[-2]) and (
+        G.op_name(dst) != "expand")
+
+
+def _identity_on_last_two(node: fx.Node) -> bool:
+    r = G.rank(node)
+    if G.op_name(node) == "transpose":
+        d0 = G.normalize_dim(G.arg(node, "dim0"), r)
+        d1 = G.normalize_dim(G.arg(node, "dim1"), r)
+        return d0 == d1
+    dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
+    return dims == list(range(r))
+
+
+def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
+    """From softmax down to the first node that is not a cast/copy/dropout/batch reshape."""
+    cur = softmax
+    dropout_p = 0.0
+    escape = False
+    chain: list[fx.Node] = []
+    for _ in range(32):
+        users = list(cur.users)
+        onward = [u for u in users if _passes_probs(u, cur)]
+        products = [u for u in users if as_product(u) is not None]
+        if len(users) == 1 and products:
+            return users[0], dropout_p, escape, chain
+        if len(onward) == 1 and len(users) >= 1:
+            nxt = onward[0]
+            escape = escape or len(users) > 1
+            if G.op_name(nxt) in _DROPOUTS:
+                train = G.arg(nxt, "train", False)
+                if train:
+                    dropout_p = float(G.arg(nxt, "p", 0.0))
+            chain.append(nxt)
+            cur = nxt
+            continue
+        if products:
+            escape = escape or len(users) > 1
+            if len(products) > 1:
+                raise NotAttention("the probabilities feed several products")
+            return products[0], dropout_p, escape, chain
+        if not users:
+            raise NotAttention("the softmax output is unused")
+        raise NotAttention(f"the softmax output feeds {', '.join(G.op_name(u) or u.op for u in users)}"
+                           ", not a product with values")
+    raise NotAttention("probability chain too long")
+
+
+def _passes_probs(node: fx.Node, src: fx.Node) -> bool:
+    name = G.op_name(node)
+    if not node.args or node.args[0] is not src:
+        return False
+    if name in _COPIES or name in _CASTS or name in _DROPOUTS:
+        return True
+    if name in _RESHAPES and name != "expand":
+        return _keeps_last_two(src, node)
+    return False
+
+
+# -- operands: strip scale and head repeats ----------------------------------------------------------
+
+_PERMUTES = frozenset({"transpose", "permute"}) | _COPIES
+
+
+def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature: str) -> Operand:
+    """Walk up from a product operand through permutations/copies, collecting a scalar scale and a
+    grouped-KV head repeat; the canonical tensor is rebuilt from the node before them."""
+    replay: list[fx.Node] = []
+    factor = 1.0
+    cur = node
+    kv_heads = None
+    for _ in range(16):
+        name = G.op_name(cur)
+        if name in _PERMUTES and cur.args and isinstance(cur.args[0], fx.Node) and not replay_blocked(cur):
+            replay.append(cur)
+            cur = cur.args[0]
+            continue
+        if name in ("mul", "div") and isinstance(cur.args[0], fx.Node):
+            other = cur.args[1]
+            f = G.scalar_value(other, gm)
+            path = cur.args[0]
+            if f is None and name == "mul" and isinstance(other, fx.Node):
+                f2 = G.scalar_value(cur.args[0], gm)
+                if f2 is not None:
+                    f, path = f2, other
+            if f is not None and G.shape(path) == G.shape(cur):
+                factor = factor * f if name == "mul" else factor / f
+                cur = path
+                continue
+        strip = _strip_repeat(cur)
+        if strip is not None and kv_heads is None:
+            cur, kv_heads = strip
+            continue
+        break
+    return Operand(node=node, letters=letters, seq=seq, feature=feature, source=cur,
+                   replay=tuple(reversed(replay)), factor=factor, kv_source_heads=kv_heads)
+
+
+def replay_blocked(node: fx.Node) -> bool:
+    return False
+
+
+def _strip_repeat(node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """``repeat_interleave(x, r, dim)`` or ``reshape(expand(x[:, :, None]))`` on the head axis 1.
+
+    Returns the un-repeated tensor (same layout, fewer heads) and its head count. Only the
+    interleaved form (head h reads h // r) is stripped; ``Tensor.repeat`` tiles and is left alone.
+    """
+    name = G.op_name(node)
+    shp = G.shape(node)
+    if shp is None or len(shp) < 3:
+        return None
+    if name == "repeat_interleave" and G.overload_name(node) == "self_int":
+        dim = G.arg(node, "dim", None)
+        src = node.args[0]
+        if dim is not None and G.normalize_dim(dim, len(shp)) == 1:
+            return src, G.shape(src)[1]
+        return None
+    if name in ("reshape", "view", "_unsafe_view"):
+        src = node.args[0]
+        s = G.shape(src)
+        if s is None or len(s) != len(shp) + 1 or G.op_name(src) != "expand":
+            return None
+        # (B, Hkv, r, N, d) -> (B, Hkv*r, N, d), the r axis expanded from size 1.
+        if not (G.same_size(s[0], shp[0]) and all(G.same_size(a, b) for a, b in zip(s[3:], shp[2:]))
+                and G.same_size(s[1] * s[2], shp[1])):
+            return None
+        base = src.args[0]
+        bs = G.shape(base)
+        if bs is None or len(bs) != len(s) or not G.is_one(bs[2]):
+            return None
+        # Find the unsqueeze that created the repeat axis to get the (B, Hkv, N, d) tensor back.
+        small = _through_slices(base)
+        if G.op_name(small) == "unsqueeze" and G.normalize_dim(G.arg(small, "dim"), len(s)) == 2:
+            inner = _through_slices(small.args[0])
+            return inner, G.shape(inner)[1]
+        return None
+    return None
+
+
+def _through_slices(node: fx.Node) -> fx.Node:
+    """Skip full-range ``slice`` nodes (``x[:, :]`` spells them)."""
+    cur = node
+    while G.op_name(cur) == "slice":
+        start = G.arg(cur, "start", None)
+        end = G.arg(cur, "end", None)
+        step = G.arg(cur, "step", 1)
+        dim = G.normalize_dim(G.arg(cur, "dim", 0), G.rank(cur))
+        src = cur.args[0]
+        if step != 1 or start not in (None, 0) or not G.same_size(G.shape(src)[dim], G.shape(cur)[dim]):
+            break
+        del end
+        cur = src
+    return cur
+
+
+# -- sdpa sites ------------------------------------------------------------------------------------
+
+def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> SiteMatch:
+    q, k, v = G.arg(node, "query"), G.arg(node, "key"), G.arg(node, "value")
+    attn_mask = G.arg(node, "attn_mask", None)
+    dropout_p = float(G.arg(node, "dropout_p", 0.0))
+    is_causal = bool(G.arg(node, "is_causal", False))
+    scale_arg = G.arg(node, "scale", None)
+    enable_gqa = bool(G.arg(node, "enable_gqa", False))
+    qs, ks, vs = G.shape(q), G.shape(k), G.shape(v)
+    r = len(qs)
+    if r < 2:
+        raise NotAttention("sdpa on vectors")
+    head_dim = _int_or(qs[-1])
+    scale = float(scale_arg) if scale_arg is not None else 1.0 / math.sqrt(head_dim)
+    batch = "abcdefgh"[: r - 2]
+    letters_q, letters_k, letters_v = batch + "qd", batch + "kd", batch + "ke"
+    query = _operand(gm, q, letters_q, "q", "d")
+    key = _operand(gm, k, letters_k, "k", "d")
+    value = _operand(gm, v, letters_v, "k", "e")
+    terms: list[MaskTerm] = []
+    if attn_mask is not None:
+        if G.dtype(attn_mask) == torch.bool:
+            terms.append(MaskTerm("keep", attn_mask, float("-inf"), node))
+        else:
+            terms.append(MaskTerm("add", attn_mask, 1.0, node))
+    mask_value, mask_class, reason = _classify_terms(analysis, terms, r)
+    if is_causal:
+        if mask_class in (MaskClass.NONE,):
+            mask_class = MaskClass.CAUSAL
+        elif mask_class == MaskClass.KEY:
+            mask_class = MaskClass.CAUSAL_KEY
+        elif mask_class != MaskClass.GENERAL:
+            mask_class = MaskClass.GENERAL  # causal given twice: keep it exact as general
+            reason = "is_causal together with a causal mask"
+    frame_batch = tuple(torch.broadcast_shapes(tuple(qs[:-2]), tuple(ks[:-2])) if all(
+        isinstance(s, int) for s in (*qs[:-2], *ks[:-2])) else qs[:-2])
+    heads, kv_heads = _heads(tuple(qs[:-2]), key, batch)
+    if enable_gqa and len(ks) >= 3:
+        kv_heads = _int_or(ks[-3])
+    notes = ["scale applied to q/k"] if query.factor != 1.0 or key.factor != 1.0 else []
+    if reason:
+        notes.append(reason)
+    site = AttentionSite(
+        name=G.module_path(node),
+        kind="sdpa",
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        value_dim=_int_or(vs[-1]),
+        scale=scale * query.factor * key.factor,
+        mask=mask_class,
+        causal=mask_class.is_causal,
+        dropout_p=dropout_p,
+        is_cross=_is_cross(q, k, qs[-2], ks[-2]),
+        weights_escape=False,
+        query_len=G.size_text(qs[-2]),
+        key_len=G.size_text(ks[-2]),
+        dtype=str(G.dtype(q)).replace("torch.", ""),
+        notes=tuple(notes),
+    )
+    return SiteMatch(
+        site=site, anchor=node, output=node, query=query, key=key, value=value,
+        batch_letters=batch, frame_batch=tuple(qs[:-2]), score_batch=tuple(qs[:-2]),
+        out_letters=batch + "qe", out_batch=tuple(qs[:-2]), out_q="q", out_e="e",
+        mask_terms=tuple(terms), mask_value=mask_value, sdpa_causal=is_causal,
+        canonical_problem=None if frame_batch is not None else "sdpa batch shapes",
+    )
+
+
+# -- masks -----------------------------------------------------------------------------------------
+
+def term_additive(analysis: MaskAnalysis, term: MaskTerm) -> AbstractValue:
+    av = analysis.value(term.node)
+    if term.kind == "add":
+        if term.value != 1.0:
+            f = term.value
+            return analysis._map(av, lambda x: x * f)
+        return av
+    if term.kind == "fill":
+        return analysis.additive(av, fill_where_true=term.value)
+    return analysis.additive(av, keep_where_true=term.value)
+
+
+def _classify_terms(analysis: MaskAnalysis, terms: list[MaskTerm],
+                    rank: int) -> tuple[AbstractValue | None, MaskClass, str]:
+    if not terms:
+        return None, MaskClass.NONE, ""
+    avs = [term_additive(analysis, t) for t in terms]
+    combined = analysis.combine_additive(avs, max(rank, max(a.rank for a in avs)))
+    cls, reason = MaskAnalysis.classify(combined)
+    return combined, cls, reason

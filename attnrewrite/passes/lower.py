@@ -1,0 +1,57 @@
+"""Lower: replace each canonical ``attention`` node by a call of its variant module.
+
+Reads: ``attention`` nodes inserted by ``canonicalize`` (their site in ``meta["attnrewrite_site"]``)
+and a mapping site name -> variant module. Changes: registers each module on the graph module under
+``attnrewrite_variants.<site>`` (so its parameters and buffers are in ``state_dict()``) and swaps the
+node for a ``call_module`` with the same arguments. Canonical nodes without a module stay, and
+compute exact softmax attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar
+
+from torch import fx, nn
+
+from attnrewrite.passes.base import PassResult
+from attnrewrite.passes.canonicalize import SITE_META, attention
+
+VARIANTS_ATTR = "attnrewrite_variants"
+
+
+def module_key(site_name: str) -> str:
+    """A submodule name for a site: its path with every non-identifier character as ``_``."""
+    key = re.sub(r"\W", "_", site_name).strip("_") or "root"
+    return key if not key[0].isdigit() else f"site_{key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerToVariants:
+    name: ClassVar[str] = "lower"
+    modules: dict[str, nn.Module]
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        holder = getattr(gm, VARIANTS_ATTR, None)
+        if holder is None:
+            holder = nn.Module()
+            gm.add_module(VARIANTS_ATTR, holder)
+        lowered = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is not attention:
+                continue
+            site = node.meta[SITE_META]
+            module = self.modules.get(site.name)
+            if module is None:
+                continue
+            key = module_key(site.name)
+            holder.add_module(key, module)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(f"{VARIANTS_ATTR}.{key}", node.args, dict(node.kwargs))
+            new.kwargs = {k: v for k, v in node.kwargs.items() if k != "dropout_p"}
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            lowered += 1
+        return PassResult(gm, lowered > 0, {"lowered": lowered})

@@ -1,0 +1,651 @@
+"""Classify a mask or bias by *how it is computed*: an abstract interpretation of its subgraph.
+
+Reads: the subgraph that computes a mask tensor (from graph inputs, constants, ``arange``...).
+Changes: nothing. Produces: an :class:`AbstractValue` per node, and for the additive mask of a site
+its :class:`~attnrewrite.site.MaskClass`.
+
+The abstract domain describes a tensor m(x) over its index vector x as *piecewise*:
+
+    m(x) = D(x)   where every position comparison in ``cmps`` holds,
+           off    elsewhere (a known scalar),
+
+where D varies only along the axes in ``vary`` (or is the known scalar ``on``). A comparison
+``Cmp(a, b, c)`` means x[a] − x[b] <= c. Position tensors (``arange`` and what is derived from it by
+adding constants and moving axes) are tracked exactly as ``Index``; their differences as ``Diff``.
+Comparing two positions gives a ``Cmp``: this is how ``j <= i`` is recognised as causal whether it is
+spelled with ``tril``, ``triu``, a ``tril`` buffer or an ``arange`` comparison. Anything the rules
+do not cover becomes "varies along every axis it has" — i.e. ``general`` — never a guess from the
+example's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from attnrewrite.passes import graph as G
+from attnrewrite.site import MaskClass
+
+#: Additive values at or below this are "masked" (HF used -10000 before it used finfo.min).
+MASKED_THRESHOLD = -1e4
+MASKED = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cmp:
+    """x[a] − x[b] <= c, with axes counted in the owning tensor's own rank."""
+
+    a: int
+    b: int
+    c: int
+
+    def moved(self, mapping: dict[int, int]) -> Cmp | None:
+        if self.a in mapping and self.b in mapping:
+            return Cmp(mapping[self.a], mapping[self.b], self.c)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractValue:
+    """See the module docstring. ``index``/``diff`` describe exact position tensors."""
+
+    rank: int
+    vary: frozenset[int] = frozenset()
+    cmps: frozenset[Cmp] = frozenset()
+    on: Any = None  # known value of D, or None when D is data
+    off: Any = None  # value outside the comparisons (only meaningful when cmps)
+    index: tuple[int, int] | None = None  # x[axis] + offset
+    diff: tuple[int, int, int] | None = None  # x[a] - x[b] + offset
+
+    @property
+    def is_const(self) -> bool:
+        return not self.vary and not self.cmps and self.index is None and self.diff is None
+
+    @property
+    def const(self) -> Any:
+        return self.on if self.is_const else None
+
+
+def _const(value: Any, rank: int = 0) -> AbstractValue:
+    return AbstractValue(rank=rank, on=value)
+
+
+def _dense(rank: int, shape: Sequence[Any] | None) -> AbstractValue:
+    axes = frozenset(i for i in range(rank) if shape is None or not G.is_one(shape[i]))
+    return AbstractValue(rank=rank, vary=axes)
+
+
+def _flatten(av: AbstractValue, shape: Sequence[Any] | None) -> AbstractValue:
+    """Forget structure: varies along every axis it (or its comparisons/positions) touches."""
+    axes = set(av.vary)
+    for c in av.cmps:
+        axes |= {c.a, c.b}
+    if av.index:
+        axes.add(av.index[0])
+    if av.diff:
+        axes |= {av.diff[0], av.diff[1]}
+    if shape is not None:
+        axes = {a for a in axes if a < len(shape) and not G.is_one(shape[a])}
+    return AbstractValue(rank=av.rank, vary=frozenset(axes))
+
+
+def _remap(av: AbstractValue, mapping: dict[int, int], rank: int,
+           shape: Sequence[Any] | None) -> AbstractValue:
+    """Move axes (old -> new). Structure on an axis without a new home is flattened."""
+    lost = False
+    vary = set()
+    for a in av.vary:
+        if a in mapping:
+            vary.add(mapping[a])
+        else:
+            lost = True
+    cmps = set()
+    for c in av.cmps:
+        moved = c.moved(mapping)
+        if moved is None:
+            lost = True
+        else:
+            cmps.add(moved)
+    index = diff = None
+    if av.index:
+        if av.index[0] in mapping:
+            index = (mapping[av.index[0]], av.index[1])
+        else:
+            lost = True
+    if av.diff:
+        a, b, off = av.diff
+        if a in mapping and b in mapping:
+            diff = (mapping[a], mapping[b], off)
+        else:
+            lost = True
+    out = AbstractValue(rank, frozenset(vary), frozenset(cmps), av.on, av.off, index, diff)
+    if lost:
+        # An axis disappeared (merged with another, or selected away): keep only what is safe.
+        kept = _flatten(av, None)
+        axes = {mapping[a] for a in kept.vary if a in mapping}
+        return AbstractValue(rank=rank, vary=frozenset(
+            a for a in axes | set(range(rank)) - set(mapping.values())
+            if shape is None or not G.is_one(shape[a])
+        ))
+    return out
+
+
+# -- scalar semantics of elementwise ops -----------------------------------------------------------
+
+def _masked(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= MASKED_THRESHOLD
+
+
+def _canon(v: Any) -> Any:
+    """Scalars compared for equality: all masked values are one, bool/int/float unified."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)):
+        if _masked(v):
+            return MASKED
+        if isinstance(v, float) and math.isnan(v):
+            return "nan"
+        return float(v)
+    return v
+
+
+def _where(c: Any, a: Any, b: Any) -> Any:
+    return a if bool(c) else b
+
+
+def _add(a: Any, b: Any, alpha: Any = 1) -> Any:
+    return a + alpha * b
+
+
+_BINARY: dict[str, Callable[..., Any]] = {
+    "add": _add, "sub": lambda a, b, alpha=1: a - alpha * b, "rsub": lambda a, b, alpha=1: b - alpha * a,
+    "mul": operator.mul, "div": lambda a, b: a / b if b != 0 else math.copysign(math.inf, a) * (1 if a else math.nan),
+    "__and__": lambda a, b: bool(a) and bool(b), "bitwise_and": lambda a, b: bool(a) and bool(b),
+    "logical_and": lambda a, b: bool(a) and bool(b),
+    "__or__": lambda a, b: bool(a) or bool(b), "bitwise_or": lambda a, b: bool(a) or bool(b),
+    "logical_or": lambda a, b: bool(a) or bool(b),
+    "eq": lambda a, b: _canon(a) == _canon(b), "ne": lambda a, b: _canon(a) != _canon(b),
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+    "minimum": min, "maximum": max, "fmin": min, "fmax": max,
+}
+_UNARY: dict[str, Callable[[Any], Any]] = {
+    "logical_not": lambda a: not bool(a), "bitwise_not": lambda a: not bool(a),
+    "__invert__": lambda a: not bool(a),
+    "neg": lambda a: -a, "abs": abs,
+    "exp": lambda a: 0.0 if a == -math.inf else math.exp(min(a, 700.0)),
+    "log": lambda a: -math.inf if a == 0 else math.log(a) if a > 0 else math.nan,
+}
+_COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
+_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_assert_tensor_metadata"}
+_CASTS = {"to", "_to_copy", "type_as"}
+
+#: Stand-ins for an unknown data value: the outside value is known only if it is the same for all.
+_BOOL_SAMPLES = (True, False)
+_FLOAT_SAMPLES = (0.0, 1.5, -2.25, MASKED)
+
+
+def _safe(fn: Callable[..., Any], *xs: Any) -> Any:
+    try:
+        return fn(*xs)
+    except (ArithmeticError, TypeError, ValueError):
+        return "error"
+
+
+class MaskAnalysis:
+    """Abstract interpretation of mask subgraphs of one graph module (results are memoised)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._memo: dict[fx.Node, AbstractValue] = {}
+
+    # -- public ---------------------------------------------------------------------------------
+    def value(self, x: Any) -> AbstractValue:
+        if not isinstance(x, fx.Node):
+            return _const(x)
+        if x not in self._memo:
+            self._memo[x] = self._eval(x)
+        return self._memo[x]
+
+    def additive(self, av: AbstractValue, *, fill_where_true: Any = None,
+                 keep_where_true: Any = None) -> AbstractValue:
+        """Turn a boolean condition into the additive mask it acts as.
+
+        ``fill_where_true=v``: positions where the condition holds get value v (masked_fill);
+        ``keep_where_true=v``: positions where it fails get v (where(cond, scores, v), sdpa bool).
+        """
+        if fill_where_true is not None:
+            v = fill_where_true
+            return self._map(av, lambda c: v if bool(c) else 0.0)
+        v = keep_where_true
+        return self._map(av, lambda c: 0.0 if bool(c) else v)
+
+    def combine_additive(self, terms: Sequence[AbstractValue], rank: int) -> AbstractValue:
+        """The sum of additive mask terms, right-aligned to ``rank``."""
+        out = _const(0.0, rank)
+        for t in terms:
+            out = self._elementwise(lambda a, b: a + b, [out, self._align(t, rank)], rank, None)
+        return out
+
+    @staticmethod
+    def classify(av: AbstractValue, *, boolean: bool = False) -> tuple[MaskClass, str]:
+        """Mask class of an additive (or, with ``boolean``, keep) mask aligned to (..., Nq, Nk)."""
+        if av.rank < 2:
+            q_axis, k_axis = -10, av.rank - 1
+        else:
+            q_axis, k_axis = av.rank - 2, av.rank - 1
+        neutral = True if boolean else 0.0
+        if av.index is not None or av.diff is not None:
+            return MaskClass.GENERAL, "the mask is a position tensor"
+        causal = False
+        for c in av.cmps:
+            if (c.a, c.b, c.c) == (k_axis, q_axis, 0):
+                causal = True
+            else:
+                return MaskClass.GENERAL, f"position comparison {c} is not the causal j <= i"
+        if av.cmps:
+            outside = _canon(av.off)
+            if not (outside is False if boolean else outside == MASKED):
+                return MaskClass.GENERAL, "positions outside the causal triangle are not masked"
+        if q_axis in av.vary:
+            return MaskClass.GENERAL, "the mask varies with the query position"
+        has_key_term = bool(av.vary) or (av.on is not None and _canon(av.on) != _canon(neutral))
+        if av.on is not None and _canon(av.on) == MASKED:
+            return MaskClass.GENERAL, "every position is masked"
+        if causal:
+            return (MaskClass.CAUSAL_KEY if has_key_term else MaskClass.CAUSAL), ""
+        return (MaskClass.KEY if has_key_term else MaskClass.NONE), ""
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _eval(self, node: fx.Node) -> AbstractValue:
+        shp = G.shape(node)
+        r = len(shp) if shp is not None else 0
+        if node.op == "placeholder":
+            return _dense(r, shp)
+        if node.op == "get_attr":
+            return self._constant_tensor(node, shp)
+        if node.op != "call_function":
+            return _dense(r, shp)
+        name = G.op_name(node)
+        try:
+            out = self._rule(node, name, shp, r)
+        except (KeyError, IndexError, TypeError, ValueError):
+            out = None
+        return out if out is not None else _dense(r, shp)
+
+    def _rule(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        if shp is None:
+            return None
+        if name in _IDENTITY:
+            return self.value(node.args[0])
+        if name in _CASTS:
+            dt = G.dtype(node)
+            src = self.value(node.args[0])
+            if dt == torch.bool:
+                return self._map(src, bool)
+            if dt is not None and dt.is_floating_point:
+                return self._map(src, lambda v: float(v))
+            if src.index or src.diff:
+                return src
+            return self._map(src, lambda v: int(v) if not isinstance(v, bool) else int(v))
+        if name in ("full", "scalar_tensor", "zeros", "ones", "new_ones", "new_zeros", "new_full",
+                    "full_like", "zeros_like", "ones_like", "empty_like"):
+            value = {"zeros": 0, "ones": 1, "new_ones": 1, "new_zeros": 0, "zeros_like": 0,
+                     "ones_like": 1}.get(name)
+            if value is None and name in ("full", "new_full", "full_like"):
+                value = G.scalar_value(G.arg(node, "fill_value"), self.gm)
+            if value is None and name == "scalar_tensor":
+                value = G.scalar_value(G.arg(node, "s"), self.gm)
+            if value is None:
+                return None
+            if G.dtype(node) == torch.bool:
+                value = bool(value)
+            return _const(value, r)
+        if name == "arange":
+            start = G.arg(node, "start", 0) if G.overload_name(node) != "default" else 0
+            step = G.arg(node, "step", 1) if G.overload_name(node) == "start_step" else 1
+            if not isinstance(start, int) or step != 1:
+                return None
+            return AbstractValue(rank=r, index=(0, start))
+        if name in ("tril", "triu"):
+            diagonal = G.arg(node, "diagonal", 0)
+            if not isinstance(diagonal, int) or r < 2:
+                return None
+            i_ax, j_ax = r - 2, r - 1
+            # tril keeps j - i <= d; triu keeps j - i >= d, i.e. i - j <= -d. Elsewhere: 0.
+            cmp = Cmp(j_ax, i_ax, diagonal) if name == "tril" else Cmp(i_ax, j_ax, -diagonal)
+            inner = self.value(node.args[0])
+            keep = AbstractValue(rank=r, cmps=frozenset({cmp}), on=True, off=False)
+            zero = False if G.dtype(node) == torch.bool else 0
+            return self._elementwise(lambda k, x: x if k else zero, [keep, self._align(inner, r)], r, shp)
+        if name in ("unsqueeze",):
+            src = self.value(node.args[0])
+            d = G.normalize_dim(G.arg(node, "dim"), r)
+            return _remap(src, {a: (a if a < d else a + 1) for a in range(src.rank)}, r, shp)
+        if name == "squeeze":
+            src_shape = G.shape(node.args[0])
+            dims = self._squeezed_dims(node, src_shape)
+            if dims is None:
+                return None
+            kept = [a for a in range(len(src_shape)) if a not in dims]
+            return _remap(self.value(node.args[0]), {a: i for i, a in enumerate(kept)}, r, shp)
+        if name in ("transpose",):
+            src = self.value(node.args[0])
+            d0 = G.normalize_dim(G.arg(node, "dim0"), r)
+            d1 = G.normalize_dim(G.arg(node, "dim1"), r)
+            m = {a: a for a in range(r)}
+            m[d0], m[d1] = d1, d0
+            return _remap(src, m, r, shp)
+        if name == "t" and r == 2:
+            return _remap(self.value(node.args[0]), {0: 1, 1: 0}, r, shp)
+        if name == "permute":
+            dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
+            return _remap(self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp)
+        if name in ("expand", "expand_as", "broadcast_to"):
+            src = self.value(node.args[0])
+            lead = r - src.rank
+            return _remap(src, {a: a + lead for a in range(src.rank)}, r, shp)
+        if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+            src_shape = G.shape(node.args[0])
+            mapping = reshape_axis_map(src_shape, shp)
+            return _remap(self.value(node.args[0]), mapping, r, shp)
+        if name == "slice":
+            return self._slice(node, shp, r)
+        if name == "select":
+            src = self.value(node.args[0])
+            d = G.normalize_dim(G.arg(node, "dim"), src.rank)
+            mapping = {a: (a if a < d else a - 1) for a in range(src.rank) if a != d}
+            if src.index and src.index[0] == d:
+                return _const(None, r)
+            return _remap(src, mapping, r, shp)
+        if name == "index":
+            return self._index(node, shp, r)
+        if name in ("masked_fill",):
+            x, cond, v = node.args[0], node.args[1], node.args[2]
+            return self._nary(lambda a, c, f: f if c else a, [x, cond, v], shp, r)
+        if name == "where" and len(node.args) == 3:
+            return self._nary(_where, list(node.args), shp, r)
+        if name in _COMPARE:
+            return self._compare(node, name, shp, r)
+        if name in ("add", "sub", "rsub"):
+            alpha = G.arg(node, "alpha", 1)
+            a, b = node.args[0], node.args[1]
+            ia, ib = self.value(a), self.value(b)
+            if name == "add" and alpha == 1:
+                pos = self._position_add(ia, ib, r, sign=1)
+                if pos is not None:
+                    return pos
+            if name == "sub" and alpha == 1:
+                pos = self._position_add(ia, ib, r, sign=-1)
+                if pos is not None:
+                    return pos
+            fn = _BINARY[name]
+            return self._nary(lambda x, y: fn(x, y, alpha), [a, b], shp, r)
+        if name in _BINARY:
+            return self._nary(_BINARY[name], [node.args[0], node.args[1]], shp, r)
+        if name in _UNARY:
+            return self._map(self.value(node.args[0]), _UNARY[name], shp)
+        if name == "clamp":
+            lo, hi = G.arg(node, "min", None), G.arg(node, "max", None)
+            return self._map(self.value(node.args[0]),
+                             lambda v: min(max(v, lo) if lo is not None else v, hi) if hi is not None
+                             else (max(v, lo) if lo is not None else v), shp)
+        return None
+
+    # -- leaves ---------------------------------------------------------------------------------
+    def _constant_tensor(self, node: fx.Node, shp: Any) -> AbstractValue:
+        r = len(shp) if shp is not None else 0
+        obj = G.fetch_attr(self.gm, str(node.target))
+        if not isinstance(obj, torch.Tensor) or isinstance(obj, torch.nn.Parameter):
+            return _dense(r, shp)
+        if obj.numel() == 1:
+            return _const(obj.reshape(()).item(), r)
+        if obj.dim() >= 2 and obj.numel() <= 1 << 26:
+            return self._triangle(obj, r, shp) or _dense(r, shp)
+        return _dense(r, shp)
+
+    @staticmethod
+    def _triangle(t: torch.Tensor, r: int, shp: Any) -> AbstractValue | None:
+        """A constant that is a triangle pattern on its last two axes (a registered causal buffer)."""
+        flat = t.reshape(-1, t.shape[-2], t.shape[-1])
+        if not bool((flat == flat[:1]).all()):
+            return None
+        m = flat[0]
+        n_i, n_j = m.shape
+        i = torch.arange(n_i)[:, None]
+        j = torch.arange(n_j)[None, :]
+        values = torch.unique(m)
+        if values.numel() != 2:
+            return None
+        lo, hi = values[0].item(), values[1].item()
+        for d in range(-2, 3):
+            for keep, cmp in (((j - i) <= d, Cmp(r - 1, r - 2, d)), ((i - j) <= -d, Cmp(r - 2, r - 1, -d))):
+                for on, off in ((hi, lo), (lo, hi)):
+                    expect = torch.where(keep, torch.tensor(on, dtype=m.dtype), torch.tensor(off, dtype=m.dtype))
+                    if torch.equal(expect, m):
+                        if m.dtype == torch.bool:
+                            on, off = bool(on), bool(off)
+                        return AbstractValue(rank=r, cmps=frozenset({cmp}), on=on, off=off)
+        return None
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _align(av: AbstractValue, rank: int) -> AbstractValue:
+        lead = rank - av.rank
+        if lead == 0:
+            return av
+        return _remap(av, {a: a + lead for a in range(av.rank)}, rank, None)
+
+    def _map(self, av: AbstractValue, fn: Callable[[Any], Any], shp: Any = None) -> AbstractValue:
+        if av.index is not None or av.diff is not None:
+            return _flatten(av, shp)
+        on = _safe(fn, av.on) if av.on is not None else None
+        off = _safe(fn, av.off) if av.cmps else None
+        if "error" in (on, off):
+            return _flatten(av, shp)
+        if av.cmps and on is not None and _canon(on) == _canon(off):
+            return _const(on, av.rank)
+        return dataclasses.replace(av, on=on, off=off)
+
+    def _nary(self, fn: Callable[..., Any], args: Sequence[Any], shp: Any, r: int) -> AbstractValue:
+        avs = [self._align(self.value(a), r) if isinstance(a, fx.Node) else _const(a, r) for a in args]
+        return self._elementwise(fn, avs, r, shp)
+
+    def _elementwise(self, fn: Callable[..., Any], avs: Sequence[AbstractValue], r: int,
+                     shp: Any) -> AbstractValue:
+        if any(av.index is not None or av.diff is not None for av in avs):
+            return self._flat_union(avs, r, shp)
+        cmps = frozenset().union(*(av.cmps for av in avs))
+        vary = frozenset().union(*(av.vary for av in avs))
+        data = [av.on is None for av in avs]
+        # Inside: every comparison holds.
+        if any(data):
+            on = None
+        else:
+            on = _safe(fn, *(av.on for av in avs))
+            if on == "error":
+                return self._flat_union(avs, r, shp)
+        if not cmps:
+            return AbstractValue(rank=r, vary=vary, on=on)
+        # Outside: some operand is outside its comparisons. The value must be one known scalar
+        # whatever the data values are, else the structure is lost.
+        choices = []
+        for av in avs:
+            inside = [av.on] if av.on is not None else list(_BOOL_SAMPLES + _FLOAT_SAMPLES)
+            outside = [av.off] if av.cmps else []
+            choices.append([(v, False) for v in inside] + [(v, True) for v in outside])
+        results = set()
+        for combo in itertools.product(*choices):
+            if not any(is_out for _, is_out in combo):
+                continue
+            res = _safe(fn, *(v for v, _ in combo))
+            results.add(_canon(res))
+            if len(results) > 1:
+                return self._flat_union(avs, r, shp)
+        (off,) = results
+        if off == "error" or off == "nan":
+            return self._flat_union(avs, r, shp)
+        if on is not None and _canon(on) == off:
+            return AbstractValue(rank=r, vary=vary, on=on)
+        return AbstractValue(rank=r, vary=vary, cmps=cmps, on=on, off=off)
+
+    @staticmethod
+    def _flat_union(avs: Sequence[AbstractValue], r: int, shp: Any) -> AbstractValue:
+        axes: set[int] = set()
+        for av in avs:
+            axes |= _flatten(av, None).vary
+        if shp is not None:
+            axes = {a for a in axes if a < len(shp) and not G.is_one(shp[a])}
+        return AbstractValue(rank=r, vary=frozenset(axes))
+
+    def _position_add(self, a: AbstractValue, b: AbstractValue, r: int, sign: int) -> AbstractValue | None:
+        a, b = self._align(a, r), self._align(b, r)
+        const_b = b.const if b.is_const else None
+        const_a = a.const if a.is_const else None
+        if a.index and isinstance(const_b, int) and not isinstance(const_b, bool):
+            return AbstractValue(rank=r, index=(a.index[0], a.index[1] + sign * const_b))
+        if b.index and isinstance(const_a, int) and not isinstance(const_a, bool) and sign == 1:
+            return AbstractValue(rank=r, index=(b.index[0], b.index[1] + const_a))
+        if a.diff and isinstance(const_b, int) and not isinstance(const_b, bool):
+            x, y, off = a.diff
+            return AbstractValue(rank=r, diff=(x, y, off + sign * const_b))
+        if sign == -1 and a.index and b.index and a.index[0] != b.index[0]:
+            return AbstractValue(rank=r, diff=(a.index[0], b.index[0], a.index[1] - b.index[1]))
+        return None
+
+    def _compare(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        lhs, rhs = node.args[0], node.args[1]
+        a = self._align(self.value(lhs), r) if isinstance(lhs, fx.Node) else _const(lhs, r)
+        b = self._align(self.value(rhs), r) if isinstance(rhs, fx.Node) else _const(rhs, r)
+        # Normalise to  (u - v) OP c  over positions.
+        diff = None
+        if a.index and b.index and a.index[0] != b.index[0]:
+            diff = (a.index[0], b.index[0], a.index[1] - b.index[1])
+        elif a.diff and b.is_const and isinstance(b.const, int):
+            diff = (a.diff[0], a.diff[1], a.diff[2] - b.const)
+        elif b.diff and a.is_const and isinstance(a.const, int):
+            # c OP (u - v + o)  <=>  (v - u - o + c) OP c... rewrite as (v - u) OP' (o - c) mirrored
+            u, v, o = b.diff
+            diff = (v, u, -o + a.const)
+        if diff is not None:
+            u, v, off = diff  # value = x[u] - x[v] + off, compared against 0 with `name`
+            # x[u] - x[v] + off <= 0  <=>  x[u] - x[v] <= -off, etc.
+            rules = {
+                "le": [Cmp(u, v, -off)], "lt": [Cmp(u, v, -off - 1)],
+                "ge": [Cmp(v, u, off)], "gt": [Cmp(v, u, off - 1)],
+            }
+            if name in rules:
+                return AbstractValue(rank=r, cmps=frozenset(rules[name]), on=True, off=False)
+            return _flatten(AbstractValue(rank=r, diff=(u, v, off)), shp)
+        if a.index and b.is_const and isinstance(b.const, (int, float)):
+            lo = a.index[1]  # positions are >= their offset
+            c = b.const
+            always = {"ge": lo >= c, "gt": lo > c}.get(name)
+            never = {"lt": lo >= c, "le": lo > c}.get(name)
+            if always:
+                return _const(True, r)
+            if never:
+                return _const(False, r)
+            return _flatten(a, shp)
+        return self._nary(_BINARY[name], [lhs, rhs], shp, r)
+
+    def _slice(self, node: fx.Node, shp: Any, r: int) -> AbstractValue | None:
+        src = self.value(node.args[0])
+        d = G.normalize_dim(G.arg(node, "dim", 0), r)
+        start = G.arg(node, "start", None)
+        step = G.arg(node, "step", 1)
+        start = 0 if start is None else G.as_int(start) if not isinstance(start, int) else start
+        if step != 1 or start is None or start < 0:
+            return _flatten(src, shp)
+        if start == 0:
+            return src
+        cmps = set()
+        for c in src.cmps:
+            cc = c.c
+            if c.a == d:
+                cc -= start
+            if c.b == d:
+                cc += start
+            cmps.add(Cmp(c.a, c.b, cc))
+        index = src.index
+        if index and index[0] == d:
+            index = (d, index[1] + start)
+        diff = src.diff
+        if diff:
+            u, v, off = diff
+            off = off + (start if u == d else 0) - (start if v == d else 0)
+            diff = (u, v, off)
+        return dataclasses.replace(src, cmps=frozenset(cmps), index=index, diff=diff)
+
+    def _index(self, node: fx.Node, shp: Any, r: int) -> AbstractValue | None:
+        src_node, indices = node.args[0], node.args[1]
+        src_shape = G.shape(src_node)
+        if src_shape is None or any(i is None for i in indices) or len(indices) != len(src_shape):
+            return None
+        # Advanced indexing with every axis indexed: out[x] = src[i0(x), i1(x), ...].
+        # The result varies where any index varies (and where the source varies along that axis).
+        src = self.value(src_node)
+        axes: set[int] = set()
+        for k, idx in enumerate(indices):
+            iv = self._align(self.value(idx), r)
+            if k in src.vary or src.cmps or src.index or src.diff:
+                axes |= _flatten(iv, None).vary
+        if src.is_const:
+            return _const(src.const, r)
+        return AbstractValue(rank=r, vary=frozenset(a for a in axes if not G.is_one(shp[a])))
+
+    @staticmethod
+    def _squeezed_dims(node: fx.Node, src_shape: Any) -> set[int] | None:
+        if src_shape is None:
+            return None
+        n = len(src_shape)
+        if G.overload_name(node) == "default":
+            return {i for i, s in enumerate(src_shape) if G.is_one(s)}
+        dims = G.arg(node, "dim")
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        return {G.normalize_dim(d, n) for d in dims if G.is_one(src_shape[G.normalize_dim(d, n)])}
+
+
+def reshape_axis_map(src: Sequence[Any] | None, dst: Sequence[Any] | None) -> dict[int, int]:
+    """Axes of ``src`` that survive a reshape to ``dst`` unchanged (same size, alone in its group).
+
+    Size-1 axes are ignored (they can appear or vanish freely). Groups are found by matching
+    prefix products of the non-1 sizes; an axis maps only if its group is one axis on both sides.
+    """
+    if src is None or dst is None:
+        return {}
+    s_idx = [i for i, v in enumerate(src) if not G.is_one(v)]
+    d_idx = [i for i, v in enumerate(dst) if not G.is_one(v)]
+    mapping: dict[int, int] = {}
+    i = j = 0
+    while i < len(s_idx) and j < len(d_idx):
+        if G.same_size(src[s_idx[i]], dst[d_idx[j]]):
+            mapping[s_idx[i]] = d_idx[j]
+            i += 1
+            j += 1
+            continue
+        # Merge/split: advance both sides until their products agree.
+        ps, pd = src[s_idx[i]], dst[d_idx[j]]
+        i += 1
+        j += 1
+        for _ in range(64):
+            if G.same_size(ps, pd):
+                break
+            if G.size_hint(ps) <= G.size_hint(pd) and i < len(s_idx):
+                ps = ps * src[s_idx[i]]
+                i += 1
+            elif j < len(d_idx):
+                pd = pd * dst[d_idx[j]]
+                j += 1
+            elif i < len(s_idx):
+                ps = ps * src[s_idx[i]]
+                i += 1
+            else:
+                break
+    return mapping

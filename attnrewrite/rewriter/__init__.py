@@ -1,0 +1,1 @@
+"""Capture front-ends, ``rewrite()``, ``RewrittenModel`` and its report."""

@@ -1,0 +1,267 @@
+"""The shared core of pattern (sparse) attention: exact softmax over a set of keys per query.
+
+A pattern variant computes, for every query i, exact softmax attention restricted to the keys j for
+which a predicate P(i, j) holds (positions counted from 0; causal adds j <= i). It never builds an
+Nq x Nk matrix. Instead the pattern is described by *query groups*:
+
+- a group lays the queries out as (G, bq) positions (query blocks, strided columns, all queries, a
+  prefix of global rows) and gathers, per group row, key positions from one or more *segments*
+  (neighbour blocks, a fixed set of global/summary keys, random blocks);
+- scores are computed on the gathered (B, H, G, bq, K) tensor only, and the exact predicate is
+  evaluated from the position indices of those pairs, so memory is O(G·bq·K), e.g. O(N·w) for a
+  window and O(N·√N) for strided patterns;
+- segments may gather the same pair twice (a global key inside a window); every segment therefore
+  states which pairs it ``covers`` and drops pairs an earlier segment covers, so each allowed pair is
+  counted exactly once;
+- each group yields the softmax statistics of its pairs (row maximum, normaliser, weighted values),
+  scattered back to query rows and merged across groups as in blockwise/flash attention: the result
+  equals softmax over the union of all allowed pairs.
+
+The key-only mask, the causal condition and a ``general`` additive/boolean bias are gathered at the
+same positions, so a general bias only matters where the pattern computes scores. Rows with no
+allowed key give 0 (not NaN). All lengths are used as (possibly symbolic) sizes and padding is
+arithmetic, so the code exports with ``torch.export`` at a dynamic sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attnrewrite.variants.base import compute_dtype
+
+#: (query positions, key positions) -> bool, broadcasting; both int64 tensors.
+PairPredicate = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySegment:
+    """Key positions gathered for every row of a query group.
+
+    Attributes:
+        positions: (G, K) int64 key positions per group row; positions outside [0, Nk) are padding.
+        covers: which (i, j) pairs this segment gathers; later segments drop these pairs.
+        slot_keep: optional (G, K) bool; False drops a slot (e.g. a duplicate random block).
+    """
+
+    positions: Tensor
+    covers: PairPredicate
+    slot_keep: Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryGroup:
+    """Queries laid out as (G, bq) positions, with the key segments each row gathers.
+
+    Attributes:
+        positions: (G, bq) int64 query positions; positions >= Nq are padding and are discarded.
+        segments: the key segments, concatenated along the key axis.
+    """
+
+    positions: Tensor
+    segments: tuple[KeySegment, ...]
+
+
+# -- building blocks of patterns -----------------------------------------------------------------
+
+
+def ceil_div(size: int, divisor: int) -> int:
+    """⌈size / divisor⌉ for ints and symbolic sizes alike (no ``int()``, no branching)."""
+    return (size + divisor - 1) // divisor
+
+
+def padded_count(size: int, divisor: int) -> int:
+    """⌈size / divisor⌉ + 1: the number of blocks of a padded layout, always at least 2.
+
+    The extra (all-padding) block costs one block of work and keeps ``torch.export`` general: with a
+    count that may be 1, reshapes and contiguity checks add guards "count != 1" that would exclude
+    sequences of one block from the exported program.
+    """
+    return ceil_div(size, divisor) + 1
+
+
+def block_queries(q_len: int, block: int, device: torch.device) -> Tensor:
+    """(⌈Nq/b⌉ + 1, b) query positions in consecutive blocks of ``block``; the tail is padding."""
+    starts = torch.arange(padded_count(q_len, block), device=device)[:, None] * block
+    return starts + torch.arange(block, device=device)[None, :]
+
+
+def band_segment(num_blocks: int, block: int, before: int, after: int, device) -> KeySegment:
+    """Key blocks c - before .. c + after for query block c (a sliding window in blocks)."""
+    offsets = torch.arange(-before * block, (after + 1) * block, device=device)
+    starts = torch.arange(num_blocks, device=device) * block
+    positions = starts[:, None] + offsets[None, :]
+
+    def covers(i: Tensor, j: Tensor) -> Tensor:
+        distance = torch.div(j, block, rounding_mode="floor") - torch.div(
+            i, block, rounding_mode="floor"
+        )
+        return (distance >= -before) & (distance <= after)
+
+    return KeySegment(positions, covers)
+
+
+def prefix_segment(num_rows: int, count: int, device) -> KeySegment:
+    """Keys 0 .. count-1 for every group row (global tokens)."""
+    positions = torch.arange(count, device=device).expand(num_rows, count)
+    return KeySegment(positions, lambda i, j: j < count)
+
+
+def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Softmax that gives 0, not NaN, on slices whose every entry is -inf (no allowed key)."""
+    top = scores.amax(dim=dim, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=dim, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# -- the core ------------------------------------------------------------------------------------
+
+
+def pattern_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    groups: Sequence[QueryGroup],
+    allowed: PairPredicate,
+    *,
+    mask: Tensor | None = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """Exact softmax attention over the pairs ``allowed`` selects among those the groups gather.
+
+    Args:
+        query: (B, H, Nq, d).
+        key: (B, Hkv, Nk, d), H % Hkv == 0.
+        value: (B, Hkv, Nk, dv).
+        groups: the query groups and their key segments; together they must gather every pair
+            ``allowed`` accepts. A segment drops the pairs covered by any segment before it (in
+            group order, then segment order).
+        allowed: the pattern predicate P(i, j), including the causal condition if any.
+        mask: None, or a boolean (True = attend) / additive mask broadcastable to (B, H, Nq, Nk);
+            it is read at the computed pairs only.
+        scale: factor on q·k.
+
+    Returns:
+        (B, H, Nq, dv) in the dtype of ``query``; rows with no allowed key are 0.
+    """
+    acc = compute_dtype(query.dtype)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        # A view: the gathers below read it at the computed pairs only.
+        mask = mask.expand(*mask.shape[:-2], q_len, k_len)
+    query, key, value = query.to(acc), key.to(acc), value.to(acc)
+    partials = []
+    earlier: list[PairPredicate] = []
+    for group in groups:
+        partials.append(_group_partials(query, key, value, group, allowed, earlier, mask, scale))
+        earlier.extend(segment.covers for segment in group.segments)
+
+    if len(partials) == 1:
+        _, total, weighted = partials[0]
+    else:
+        top = torch.stack([row_max for row_max, _, _ in partials]).amax(dim=0)
+        top = _finite_or_zero(top)
+        total = torch.zeros_like(top)
+        weighted = torch.zeros_like(partials[0][2])
+        for row_max, row_total, row_weighted in partials:
+            # Rescale each group's statistics to the common row maximum (the flash-attention merge).
+            factor = torch.exp(row_max - top)
+            total = total + row_total * factor
+            weighted = weighted + row_weighted * factor.unsqueeze(-1)
+    out = weighted / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out.to(query.dtype) if out.dtype != query.dtype else out
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _segment_keep(
+    i: Tensor,
+    segment: KeySegment,
+    allowed: PairPredicate,
+    earlier: Sequence[PairPredicate],
+    q_len: int,
+    k_len: int,
+) -> Tensor:
+    """(G, bq, K) pairs of ``segment`` that are allowed, in range, and not counted before."""
+    j = segment.positions[:, None, :]
+    keep = allowed(i, j) & (i < q_len) & (j >= 0) & (j < k_len)
+    if segment.slot_keep is not None:
+        keep = keep & segment.slot_keep[:, None, :]
+    for covers in earlier:
+        keep = keep & ~covers(i, j)
+    return keep
+
+
+def _group_partials(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    group: QueryGroup,
+    allowed: PairPredicate,
+    earlier: Sequence[PairPredicate],
+    mask: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax statistics of one group as query rows: max and sum (B, H, Nq), values (B, H, Nq, dv).
+
+    Rows the group does not reach, or where it allows no key, have max -inf and sum 0.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
+    q_pos = group.positions
+    rows, block = q_pos.shape
+    i = q_pos[:, :, None]
+    keeps, seen = [], list(earlier)
+    for segment in group.segments:
+        keeps.append(_segment_keep(i, segment, allowed, seen, q_len, k_len))
+        seen.append(segment.covers)
+    keep = torch.cat(keeps, dim=-1)
+    k_pos = torch.cat([segment.positions for segment in group.segments], dim=-1)
+    width = k_pos.shape[-1]
+
+    # Padding positions read row 0 (any valid row); ``keep`` already excludes them.
+    q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
+    k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
+    group_size = heads // kv_heads
+    q = query.index_select(2, q_index.flatten())
+    q = q.view(batch, kv_heads, group_size, rows, block, head_dim)
+    k = key.index_select(2, k_index.flatten()).view(batch, kv_heads, rows, width, head_dim)
+    v = value.index_select(2, k_index.flatten()).view(batch, kv_heads, rows, width, value_dim)
+    scores = torch.einsum("bhrgtd,bhgkd->bhrgtk", q, k) * scale
+    scores = scores.reshape(batch, heads, rows, block, width)
+    if mask is not None:
+        bias = mask[..., q_index[:, :, None], k_index[:, None, :]]
+        if bias.dtype == torch.bool:
+            keep = keep & bias
+        else:
+            scores = scores + bias.to(scores.dtype)
+    scores = scores.masked_fill(~keep, float("-inf"))
+
+    # The maximum is a stabiliser only (the result does not depend on it): no gradient through it.
+    row_max = scores.amax(dim=-1).detach()
+    weights = torch.exp(scores - _finite_or_zero(row_max).unsqueeze(-1))
+    row_total = weights.sum(dim=-1)
+    weights = weights.view(batch, kv_heads, group_size, rows, block, width)
+    row_weighted = torch.einsum("bhrgtk,bhgkd->bhrgtd", weights, v)
+
+    # Back to query rows: padding positions go to a dump row Nq, cut off afterwards.
+    target = torch.where(q_pos < q_len, q_pos, torch.full_like(q_pos, q_len)).flatten()
+
+    def to_rows(stat: Tensor, fill: float) -> Tensor:
+        base = stat.new_full((batch, heads, q_len + 1, *stat.shape[3:]), fill)
+        return base.index_copy(2, target, stat).narrow(2, 0, q_len)
+
+    return (
+        to_rows(row_max.reshape(batch, heads, rows * block), float("-inf")),
+        to_rows(row_total.reshape(batch, heads, rows * block), 0.0),
+        to_rows(row_weighted.reshape(batch, heads, rows * block, value_dim), 0.0),
+    )

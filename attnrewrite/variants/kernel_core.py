@@ -1,0 +1,344 @@
+"""The shared core of kernel (feature-map) attention.
+
+With a feature map φ, attention becomes a kernel smoother (Tsai et al. 2019, arXiv:1908.11775):
+
+    out_i = Σ_j w_j φ(q_i)·φ(k_j) v_j / Σ_j w_j φ(q_i)·φ(k_j)
+
+where w_j are per-key weights (the exact form of a key-only mask, 0 for masked keys). Non-causal
+attention is computed as φ(Q) (Σ_j w_j φ(k_j) v_jᵀ): O(N·m·dv) time and O(m·dv) state. Causal
+attention (j <= i) is computed in chunks of C positions: the exact masked product inside a chunk plus
+a prefix state carried from the previous chunks, as an exclusive cumulative sum over chunk states:
+time O(N·C·m + N·m·dv), memory O(N·C + (N/C)·m·dv) — never an O(N·m·dv) per-position cumsum and no
+Python loop over positions, so it exports to ONNX and compiles without graph breaks.
+
+Causal attention may also carry a per-position decay g_t = exp(log_decay_t) ∈ (0, 1] (gated
+recency, as in RFA-Gate): the state obeys S_t = g_t S_{t-1} + w_t φ(k_t) v_tᵀ, so key j reaches
+query i with the factor Π_{j<l<=i} g_l. The chunked form applies the decays inside a chunk as a
+(C, C) matrix and between chunks as a (N/C, N/C) matrix, both built from differences of cumulative
+log-decays that are never positive, so nothing overflows however long the sequence.
+
+The same arithmetic is available one position at a time (:func:`init_state`, :func:`step`) for
+autoregressive decoding; applying ``step`` along a sequence reproduces the causal parallel output.
+
+All accumulation happens in float32 for float16/bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnrewrite.variants.base import compute_dtype
+
+DEFAULT_CHUNK = 64
+
+#: The recurrent state of causal kernel attention: S (B, Hs, m, dv) and z (B, Hs, m).
+KernelState = tuple[Tensor, Tensor]
+
+
+def _group(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, ...) -> (B, Hkv, G, ...): query heads grouped by the key/value head they read."""
+    b, h = x.shape[0], x.shape[1]
+    return x.reshape(b, kv_heads, h // kv_heads, *x.shape[2:])
+
+
+def _match_heads(x: Tensor, heads: int) -> Tensor:
+    """Repeat a per-head tensor (B, h, ...) along dim 1 to ``heads`` heads (h = 1 broadcasts)."""
+    if x.shape[1] in (1, heads):
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _weighted_keys(phi_k: Tensor, weights: Tensor | None, heads: int) -> tuple[Tensor, int]:
+    """Fold per-key weights into φ(k). Returns (B, Hkv', Nk, m) and Hkv' (heads of the result)."""
+    if weights is None:
+        return phi_k, phi_k.shape[1]
+    w = weights.to(phi_k.dtype)
+    if w.shape[1] not in (1, phi_k.shape[1]):
+        # Weights per query head with grouped keys: give every query head its own keys.
+        phi_k = phi_k.repeat_interleave(heads // phi_k.shape[1], dim=1)
+    return phi_k * w.unsqueeze(-1), phi_k.shape[1]
+
+
+def kernel_attention(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    value: Tensor,
+    *,
+    key_weights: Tensor | None = None,
+    causal: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    eps: float = 1e-6,
+    log_decay: Tensor | None = None,
+) -> Tensor:
+    """Kernel attention on feature-mapped queries and keys.
+
+    Args:
+        phi_q: (B, H, Nq, m) query features.
+        phi_k: (B, Hkv, Nk, m) key features, H % Hkv == 0.
+        value: (B, Hkv, Nk, dv).
+        key_weights: (B|1, 1|Hkv|H, Nk) non-negative per-key weights, or None.
+        causal: restrict key j to j <= i.
+        chunk_size: causal chunk length C.
+        eps: the normaliser is clamped to at least ``eps``.
+        log_decay: (B|1, 1|Hkv|H, Nk) log of the per-position decay g_t (<= 0), causal only.
+
+    Returns:
+        (B, H, Nq, dv) in float32 for half inputs, else the input dtype.
+
+    Raises:
+        ValueError: ``log_decay`` without ``causal`` (a decay needs an order of positions).
+    """
+    if log_decay is not None and not causal:
+        raise ValueError("log_decay (gated recency) needs causal=True: it decays along positions")
+    acc = compute_dtype(phi_q.dtype)
+    phi_q, phi_k, value = phi_q.to(acc), phi_k.to(acc), value.to(acc)
+    heads = phi_q.shape[1]
+    phi_k, kv_heads = _weighted_keys(phi_k, key_weights, heads)
+    if value.shape[1] != kv_heads:
+        value = value.repeat_interleave(kv_heads // value.shape[1], dim=1)
+    q = _group(phi_q, kv_heads)  # (B, Hkv, G, Nq, m)
+    if not causal:
+        return _non_causal(q, phi_k, value, eps).flatten(1, 2)
+    if log_decay is not None:
+        log_decay = _match_heads(log_decay.to(acc), kv_heads)
+    return _causal_chunked(q, phi_k, value, chunk_size, eps, log_decay).flatten(1, 2)
+
+
+def _non_causal(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+    """q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv) -> (B, Hkv, G, Nq, dv)."""
+    b, h, g, q_len, m = q.shape
+    # Append the normaliser as one more value column: φ(K)ᵀ[V, 1] gives the state and Σ_j φ(k_j)
+    # in one product, and φ(Q) times it gives numerator and denominator in one product, so the
+    # work is two batched matmuls (which einsum lowers to with a transpose) rather than four.
+    ones = torch.ones_like(v[..., :1])
+    state = torch.matmul(k.transpose(-1, -2), torch.cat([v, ones], dim=-1))  # (B, Hkv, m, dv+1)
+    out = torch.matmul(q.reshape(b, h, g * q_len, m), state)  # (B, Hkv, G·Nq, dv+1)
+    dv = v.shape[-1]
+    out = out[..., :dv] / out[..., dv:].clamp_min(eps)
+    return out.reshape(b, h, g, q_len, dv)
+
+
+def _causal_chunked(
+    q: Tensor, k: Tensor, v: Tensor, chunk: int, eps: float, log_decay: Tensor | None = None
+) -> Tensor:
+    """Causal kernel attention, chunked.
+
+    q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv); log_decay: (B|1, Hkv|1, Nk).
+    """
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    length = max(q_len, k_len) if isinstance(q_len, int) and isinstance(k_len, int) else q_len
+    # Pad both sequences to a multiple of the chunk; padded keys have zero features (no weight).
+    # One chunk more than needed, so there are always at least two: with a symbolic length that
+    # could give one chunk, torch.export would specialise on whether the chunk axis has size 1.
+    padded = ((length + chunk - 1) // chunk + 1) * chunk
+    b, h, g, m, dv = q.shape[0], q.shape[1], q.shape[2], q.shape[-1], v.shape[-1]
+    # Everything below is a batch of (B·Hkv·C#) chunk problems multiplied with bmm, and every
+    # reshape leaves the one symbolic size to -1 and crops with a negative pad: batched einsum,
+    # explicit symbolic sizes or slicing make torch.export guard on facts about the length that
+    # its solver cannot prove (divisibility, "C# != 1"), which would specialise the length.
+    qc = F.pad(q, (0, 0, 0, padded - q_len)).reshape(b, h, g, -1, chunk, m)
+    qc = qc.transpose(2, 3).reshape(-1, g * chunk, m)  # the group's queries of one chunk
+    kc = F.pad(k, (0, 0, 0, padded - k_len)).reshape(-1, chunk, m)
+    # The normaliser rides along as an extra value column of ones (see _non_causal).
+    ones = torch.ones_like(v[..., :1])
+    vc = F.pad(torch.cat([v, ones], dim=-1), (0, 0, 0, padded - k_len)).reshape(-1, chunk, dv + 1)
+    keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = torch.bmm(qc, kc.transpose(1, 2)).reshape(-1, g, chunk, chunk)
+    if log_decay is None:
+        chunk_state = torch.bmm(kc.transpose(1, 2), vc).reshape(b * h, -1, m * (dv + 1))
+        # Exclusive prefix over chunks: the inclusive one shifted by one chunk (pad one in front,
+        # crop one at the end), which avoids the cancellation of cumsum − self.
+        prefix = F.pad(chunk_state.cumsum(dim=1), (0, 0, 1, -1))
+        carried = torch.bmm(qc, prefix.reshape(-1, m, dv + 1))
+        scores = scores * keep.to(scores.dtype)
+    else:
+        dims = (b, h, g, chunk, m, dv)
+        carried, decay = _decayed_prefix(qc, kc, vc, log_decay, padded - k_len, keep, dims)
+        scores = scores * decay.unsqueeze(1)
+    # Inside a chunk: the exact lower-triangular product.
+    out = carried + torch.bmm(scores.reshape(-1, g * chunk, chunk), vc)
+    out = out[..., :dv] / out[..., dv:].clamp_min(eps)
+    out = out.reshape(b, h, -1, g, chunk, dv).transpose(2, 3).reshape(b, h, g, -1, dv)
+    return F.pad(out, (0, 0, 0, q_len - padded))
+
+
+def _decayed_prefix(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    log_decay: Tensor,
+    pad: int,
+    keep: Tensor,
+    dims: tuple[int, ...],
+) -> tuple[Tensor, Tensor]:
+    """Decayed causal attention: what earlier chunks contribute, and the decay inside a chunk.
+
+    qc: (B·Hkv·C#, G·C, m); kc: (B·Hkv·C#, C, m); vc: (B·Hkv·C#, C, dv+1) with the ones column.
+    Returns the carried numerator/denominator (B·Hkv·C#, G·C, dv+1) and the within-chunk decay
+    (B·Hkv·C#, C, C), zero above the diagonal.
+    """
+    b, h, g, chunk, m, dv = dims
+    # Padded positions decay by g = 1 (log 0); they come after every real position anyway.
+    log_decay = F.pad(log_decay, (0, pad)).expand(b, h, -1)
+    local = log_decay.reshape(b * h, -1, chunk).cumsum(dim=-1)  # G_a within the chunk
+    n_chunks = local.shape[1]
+    total = local[..., -1]  # log-decay across a whole chunk
+    # exp(G_a - G_b) for b <= a; differences are <= 0, masked to -inf above the diagonal *before*
+    # the exp so no inf (and no inf·0 = nan in the backward pass) ever appears.
+    within = (local.unsqueeze(-1) - local.unsqueeze(-2)).masked_fill(~keep, float("-inf"))
+    within = within.exp().reshape(-1, chunk, chunk)
+    # Each chunk's state as seen at its end: keys decayed by exp(G_end - G_b) <= 1.
+    to_end = (total.unsqueeze(-1) - local).exp().reshape(-1, chunk, 1)
+    chunk_state = torch.bmm((kc * to_end).transpose(1, 2), vc).reshape(b * h, n_chunks, -1)
+    # Chunk c' reaches the start of chunk c > c' decayed by the chunks strictly between them:
+    # exp(U_{c-1} - U_{c'}) with U the inclusive cumsum of chunk totals.
+    cum = total.cumsum(dim=-1)
+    before = (cum - total).unsqueeze(-1) - cum.unsqueeze(-2)  # (B·Hkv, C#, C#)
+    earlier = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=kc.device).tril(-1)
+    carry = before.masked_fill(~earlier, float("-inf")).exp()
+    prefix = torch.bmm(carry, chunk_state).reshape(-1, m, dv + 1)
+    # From the chunk start to position a the carried state decays by exp(G_a).
+    into = local.exp().reshape(-1, 1, chunk, 1)
+    carried = torch.bmm(qc, prefix).reshape(-1, g, chunk, dv + 1) * into
+    return carried.reshape(-1, g * chunk, dv + 1), within
+
+
+def init_state(
+    batch: int,
+    heads: int,
+    feature_dim: int,
+    value_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> KernelState:
+    """The empty recurrent state (S, z) of causal kernel attention, for :func:`step`.
+
+    Args:
+        batch: B.
+        heads: state heads Hs: the key/value heads Hkv, or the query heads H when key weights
+            differ per query head while keys are grouped (each query head then sums its own keys).
+        feature_dim: m, the feature size of φ.
+        value_dim: dv.
+        dtype: dtype of the inputs; half precision is accumulated in float32.
+        device: where the state lives.
+
+    Returns:
+        S: zeros (B, Hs, m, dv) and z: zeros (B, Hs, m).
+    """
+    acc = compute_dtype(dtype)
+    return (
+        torch.zeros(batch, heads, feature_dim, value_dim, dtype=acc, device=device),
+        torch.zeros(batch, heads, feature_dim, dtype=acc, device=device),
+    )
+
+
+def step(
+    state: KernelState,
+    phi_q_t: Tensor,
+    phi_k_t: Tensor,
+    v_t: Tensor,
+    key_weight_t: Tensor | None = None,
+    *,
+    log_decay_t: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, KernelState]:
+    """One position of causal kernel attention: add key t to the state, then read query t.
+
+    S_t = g_t S_{t-1} + w_t φ(k_t) v_tᵀ, z_t = g_t z_{t-1} + w_t φ(k_t),
+    out_t = φ(q_t)ᵀ S_t / max(φ(q_t)ᵀ z_t, eps), with g_t = exp(log_decay_t) (1 without decay).
+    Applied along a sequence it equals :func:`kernel_attention` with ``causal=True``.
+
+    Args:
+        state: (S (B, Hs, m, dv), z (B, Hs, m)) from :func:`init_state` or the previous step.
+        phi_q_t: (B, H, m) query features at position t.
+        phi_k_t: (B, Hkv, m) key features at position t (Hs % Hkv == 0).
+        v_t: (B, Hkv, dv) value at position t.
+        key_weight_t: (B|1, 1|Hkv|Hs) weight of key t, or None.
+        log_decay_t: (B|1, 1|Hkv|Hs) log of the decay g_t applied to the state before key t, or None.
+        eps: the normaliser is clamped to at least ``eps``.
+
+    Returns:
+        out_t (B, H, dv) in the state's dtype, and the new state.
+    """
+    acc_state, acc_norm = state
+    acc = acc_state.dtype
+    state_heads = acc_state.shape[1]
+    phi_k_t = _match_heads(phi_k_t.to(acc), state_heads)
+    v_t = _match_heads(v_t.to(acc), state_heads)
+    if key_weight_t is not None:
+        phi_k_t = phi_k_t * _match_heads(key_weight_t.to(acc), state_heads).unsqueeze(-1)
+    if log_decay_t is not None:
+        decay = _match_heads(log_decay_t.to(acc), state_heads).exp().unsqueeze(-1)  # (B|1, 1|Hs, 1)
+        acc_state = acc_state * decay.unsqueeze(-1)
+        acc_norm = acc_norm * decay
+    acc_state = acc_state + phi_k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+    acc_norm = acc_norm + phi_k_t
+    q = _group(phi_q_t.to(acc), state_heads)  # (B, Hs, G, m)
+    num = torch.einsum("bhgm,bhmd->bhgd", q, acc_state)
+    den = torch.einsum("bhgm,bhm->bhg", q, acc_norm)
+    out = num / den.clamp_min(eps).unsqueeze(-1)
+    return out.flatten(1, 2), (acc_state, acc_norm)
+
+
+def random_projection(
+    num_features: int,
+    dim: int,
+    *,
+    generator: torch.Generator,
+    orthogonal: bool = True,
+) -> Tensor:
+    """Gaussian random features ω_1..ω_m ~ N(0, I_d) as rows of an (m, d) float32 matrix.
+
+    With ``orthogonal`` the rows come in blocks of d mutually orthogonal directions (QR of a
+    Gaussian matrix) whose norms are redrawn as those of Gaussian vectors (chi with d degrees of
+    freedom): each row is still marginally N(0, I_d), but the estimator's variance is lower
+    (Choromanski et al. 2021, arXiv:2009.14794, Theorem 2).
+    """
+    if not orthogonal:
+        return torch.randn(num_features, dim, generator=generator)
+    blocks = []
+    for _ in range((num_features + dim - 1) // dim):
+        basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        blocks.append(basis.T)
+    directions = torch.cat(blocks, dim=0)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator).norm(dim=-1, keepdim=True)
+    return directions * norms
+
+
+def dense_kernel_reference(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    value: Tensor,
+    *,
+    key_weights: Tensor | None = None,
+    causal: bool = False,
+    eps: float = 1e-6,
+    log_decay: Tensor | None = None,
+) -> Tensor:
+    """The naive O(N²) definition of kernel attention, for tests: A_ij = w_j φ(q_i)·φ(k_j).
+
+    With ``log_decay`` (causal only), A_ij is further multiplied by Π_{j<l<=i} g_l = e^{G_i - G_j},
+    G the cumulative sum of ``log_decay`` along positions.
+    """
+    heads = phi_q.shape[1]
+    phi_k = phi_k.repeat_interleave(heads // phi_k.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    a = phi_q @ phi_k.transpose(-1, -2)
+    if key_weights is not None:
+        a = a * _match_heads(key_weights, heads).unsqueeze(-2)
+    if causal:
+        i = torch.arange(a.shape[-2], device=a.device)[:, None]
+        j = torch.arange(a.shape[-1], device=a.device)[None, :]
+        a = a * (j <= i)
+        if log_decay is not None:
+            cum = _match_heads(log_decay, heads).cumsum(dim=-1)
+            # Query i sits at position i; past the last key the decay is 1 (G stays constant).
+            cum_q = cum[..., i[:, 0].clamp(max=a.shape[-1] - 1)]
+            expo = (cum_q.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(j > i, float("-inf"))
+            a = a * expo.exp()
+    elif log_decay is not None:
+        raise ValueError("log_decay needs causal=True")
+    return (a @ value) / a.sum(-1, keepdim=True).clamp_min(eps)

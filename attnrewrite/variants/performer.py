@@ -1,0 +1,111 @@
+"""Performer attention (FAVOR+): positive orthogonal random features for the softmax kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from attnrewrite.site import AttentionSite
+from attnrewrite.variants.base import default_num_features
+from attnrewrite.variants.kernel import FeatureMapAttention, KernelOptions
+from attnrewrite.variants.kernel_core import random_projection
+
+# Seeds of successive redraws: a large odd step (2^32/φ) keeps the streams of neighbouring seeds
+# and neighbouring draws apart.
+_REDRAW_STRIDE = 0x9E3779B1
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformerOptions(KernelOptions):
+    """Options of ``performer``."""
+
+    num_features: int | None = None
+    redraw: bool = False
+
+    def check(self) -> str | None:
+        if self.num_features is not None and self.num_features <= 0:
+            return f"num_features must be positive, got {self.num_features}"
+        return super().check()
+
+
+class PerformerAttention(FeatureMapAttention):
+    """Performer (FAVOR+): Choromanski, Likhosherstov, Dohan, Song, Gane, Sarlos, Hawkins, Davis,
+    Mohiuddin, Kaiser, Belanger, Colwell, Weller, "Rethinking Attention with Performers",
+    ICLR 2021, arXiv:2009.14794.
+
+    exp(q·k) = E_ω[φ(q)·φ(k)] with positive random features φ(x) = exp(ω_r·x − |x|²/2)/√m,
+    r = 1..m, the ω_r orthogonal Gaussian (``kernel_core.random_projection``), applied to q·√s and
+    k·√s, so the kernel estimates exp(s·q·k) and the output estimates softmax attention (unbiased
+    numerator and denominator). Every feature is positive, so the normaliser is too.
+
+    Stable form: exponents are shifted before ``exp`` — per query row by its own maximum, and for
+    keys by one maximum over all (unmasked) keys and features of a (batch, head). Both are factors
+    common to a whole row or to every key, so they cancel between numerator and denominator; the
+    largest feature is exactly 1 and float16/bfloat16 inputs (computed in float32) with large q, k
+    norms stay finite. Keys the mask removes do not take part in the key maximum, so padding
+    vectors of any size cannot underflow the real keys.
+
+    Capabilities: masks ``none``, ``key``, ``causal``, ``causal+key``; causal; cross-attention;
+    grouped key/value heads (one projection shared by all heads). Options: ``num_features`` m
+    (default d·ln d, see ``default_num_features``), ``redraw`` (draw a new projection at every
+    forward in training mode; eval mode always uses the stored one), ``chunk_size``. The projection
+    is a buffer: saved in ``state_dict``, exported as an initializer, reproducible from ``seed``.
+    Cost: time O(N·m·(d + dv)); memory O(N·m + m·dv) non-causal, O(N·(m + C) + m·dv·N/C) causal.
+    """
+
+    name: ClassVar[str] = "performer"
+    Options: ClassVar[type] = PerformerOptions
+
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
+        super().__init__(site, seed=seed, **options)
+        self.num_features = self.options.num_features or default_num_features(site.head_dim)
+        self._draws = 0
+        self.register_buffer("projection", self._draw(self.generator()))
+
+    def _draw(self, generator: torch.Generator) -> Tensor:
+        return random_projection(self.num_features, self.site.head_dim, generator=generator)
+
+    @torch.no_grad()
+    def redraw_projection(self) -> None:
+        """Replace the projection by a new draw (reproducible: seeded from ``seed`` and the count)."""
+        self._draws += 1
+        generator = torch.Generator()
+        base = 0 if self.seed is None else int(self.seed)
+        generator.manual_seed((base + self._draws * _REDRAW_STRIDE) % (2**63))
+        self.projection.copy_(self._draw(generator))
+
+    def feature_maps(
+        self, query: Tensor, key: Tensor, weights: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        if self.training and self.options.redraw:
+            self.redraw_projection()
+        projection = self.projection.to(query.dtype)
+        q_log = query @ projection.T - query.square().sum(-1, keepdim=True) / 2
+        k_log = key @ projection.T - key.square().sum(-1, keepdim=True) / 2
+        # The shifts are constants of the function (they cancel), so no gradient flows into them.
+        q_shift = q_log.amax(dim=-1, keepdim=True).detach()
+        k_shift = _key_maximum(k_log.detach(), weights)
+        root_m = math.sqrt(self.num_features)
+        return (q_log - q_shift).exp() / root_m, (k_log - k_shift).exp() / root_m
+
+
+def _key_maximum(k_log: Tensor, weights: Tensor | None) -> Tensor:
+    """The maximum of the key log-features over keys and features, per (batch, head): (B, Hkv, 1, 1).
+
+    Masked keys (weight 0) are left out. Fully masked rows fall back to 0 (their features are
+    multiplied by zero weights anyway).
+    """
+    if weights is not None:
+        batch, kv_heads = k_log.shape[0], k_log.shape[1]
+        masked = weights <= 0
+        if masked.shape[1] not in (1, kv_heads):
+            # Per-query-head weights with grouped keys: a key is out only if every head drops it.
+            masked = masked.reshape(masked.shape[0], kv_heads, -1, masked.shape[-1]).all(dim=2)
+        masked = masked.expand(batch, kv_heads, -1).unsqueeze(-1)
+        k_log = k_log.masked_fill(masked, float("-inf"))
+    top = k_log.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -1,0 +1,51 @@
+"""Exact softmax attention, lowered to ``F.scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnrewrite.site import ALL_MASK_CLASSES, MaskClass
+from attnrewrite.variants.base import AttentionVariant, combine_mask, repeat_kv
+
+
+class SoftmaxAttention(AttentionVariant):
+    """Exact scaled dot-product attention (Vaswani et al. 2017, arXiv:1706.03762).
+
+    softmax(q·kᵀ·scale + m) v, computed by ``torch.nn.functional.scaled_dot_product_attention``
+    (fused kernels where the backend has them). Keeps every mask class, causal and cross attention,
+    grouped heads and attention dropout (in training mode). This is the identity rewrite: a model
+    rewritten with it computes what the original computed. Cost: O(N²) time; memory O(N²) for the
+    math kernel, O(N) for the fused ones.
+    """
+
+    name: ClassVar[str] = "softmax"
+    mask_classes: ClassVar[frozenset[MaskClass]] = ALL_MASK_CLASSES
+    exact: ClassVar[bool] = True
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        scale: float = 1.0,
+    ) -> Tensor:
+        heads = query.shape[1]
+        key, value = repeat_kv(key, heads), repeat_kv(value, heads)
+        dropout_p = self.site.dropout_p if self.training else 0.0
+        if causal and mask is None:
+            return F.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale
+            )
+        attn_mask = combine_mask(mask, causal, query.shape[-2], key.shape[-2], query.device)
+        if attn_mask is not None and attn_mask.dtype not in (query.dtype, attn_mask.dtype.__class__):
+            if attn_mask.dtype != query.dtype and attn_mask.dtype.is_floating_point:
+                attn_mask = attn_mask.to(query.dtype)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+        )
