@@ -29,3 +29,50 @@ __all__ = [
     "MaskClass", "Report", "RewrittenModel", "SiteRow", "UnknownVariantError", "VariantOptionError",
     "find_attention", "register_variant", "rewrite", "variants",
 ]
+
+
+# -- deployment, measurement and calibration (implemented in their own rooms, imported lazily) -----
+
+def compile(model, backend: str = "inductor", **torch_compile_kwargs):  # noqa: A001
+    """``torch.compile`` a rewritten model (see ``attnrewrite.backends.inductor``)."""
+    from attnrewrite.backends.inductor import compile_rewritten
+
+    return compile_rewritten(model, backend=backend, **torch_compile_kwargs)
+
+
+def export_onnx(model, path, args=None, kwargs=None, *, opset=None, **options):
+    """Export a (rewritten or original) model to ONNX (see ``attnrewrite.backends.onnx``)."""
+    from attnrewrite.backends.onnx import export_onnx as _export
+
+    return _export(model, path, args=args, kwargs=kwargs, opset=opset, **options)
+
+
+def onnx_session(path, providers=None):
+    """An ONNX Runtime session callable like the exported model (see ``attnrewrite.backends.onnx``)."""
+    from attnrewrite.backends.onnx import onnx_session as _session
+
+    return _session(path, providers=providers)
+
+
+def dynamo_backend(variant: str = "softmax", **options):
+    """A ``torch.compile`` backend that rewrites attention in each captured graph."""
+    from attnrewrite.backends.dynamo import dynamo_backend as _backend
+
+    return _backend(variant, **options)
+
+
+def benchmark(model, variants, args=None, kwargs=None, **options):
+    """Before/after latency, memory, accuracy and FLOPs (see ``attnrewrite.bench``)."""
+    from attnrewrite.bench.benchmark import benchmark as _benchmark
+
+    return _benchmark(model, variants, args=args, kwargs=kwargs, **options)
+
+
+def calibrate(model, inputs, **options):
+    """Train the rewritten sites' own parameters to imitate softmax (see ``attnrewrite.calibrate``)."""
+    from attnrewrite.calibrate.calibrate import calibrate as _calibrate
+
+    return _calibrate(model, inputs, **options)
+
+
+__all__ += ["benchmark", "calibrate", "compile", "dynamo_backend", "export_onnx", "onnx_session"]

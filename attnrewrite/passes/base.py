@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,9 @@ class Emitter:
     def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
         self.graph = graph
         self.anchor = anchor
+        anchor_val = anchor.meta.get("val")
+        self.mode = torch._guards.detect_fake_mode(
+            [anchor_val] if isinstance(anchor_val, torch.Tensor) else [])
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
@@ -92,12 +96,19 @@ class Emitter:
         kwargs = fx.node.map_aggregate(node.kwargs, fake)
         vals = [v for v in fx.node.map_aggregate(list(args) + list(kwargs.values()), lambda a: a)
                 if isinstance(v, torch.Tensor)]
-        mode = torch._guards.detect_fake_mode(vals) if vals else None
+        mode = (torch._guards.detect_fake_mode(vals) if vals else None) or self.mode
         try:
             if mode is not None:
-                with mode:
-                    node.meta["val"] = node.target(*args, **kwargs)
-            elif callable(node.target):
+                # Guards raised while computing meta must not specialise the captured symbols.
+                env = mode.shape_env
+                guard = env.suppress_guards() if env is not None else contextlib.nullcontext()
+                with mode, guard:
+                    if node.target is aten.arange.default:
+                        # Fake arange guards on its symbolic end; its meta is just a 1-D int64.
+                        node.meta["val"] = torch.empty(args[0], dtype=kwargs.get("dtype", torch.int64))
+                    else:
+                        node.meta["val"] = node.target(*args, **kwargs)
+            elif vals and callable(node.target):
                 node.meta["val"] = node.target(*args, **kwargs)
         except Exception:  # noqa: BLE001 - meta is best effort; the graph is still valid
             node.meta.pop("val", None)

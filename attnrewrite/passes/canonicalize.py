@@ -17,6 +17,7 @@ condition j <= Nq−1 only drops keys that every row drops anyway.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, fx
 from attnrewrite.passes import graph as G
 from attnrewrite.passes.base import Emitter, PassResult, aten
 from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
+from attnrewrite.passes.mask_analysis import MaskAnalysis
 from attnrewrite.site import MaskClass
 from attnrewrite.variants.base import combine_mask, repeat_kv
 
@@ -59,7 +61,7 @@ class Canonicalize:
     matches: tuple[SiteMatch, ...]
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        rows: dict[fx.Node, fx.Node] = {}
+        rows = _Rows(MaskAnalysis(gm))
         done = 0
         failed: dict[str, str] = {}
         for match in self.matches:
@@ -71,7 +73,31 @@ class Canonicalize:
         return PassResult(gm, done > 0, {"canonicalized": done, "failed": failed})
 
 
-def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> str | None:
+@dataclasses.dataclass
+class _Rows:
+    """Memo of emitted last-query-row nodes (shared by the sites that read one mask)."""
+
+    analysis: MaskAnalysis
+    memo: dict[fx.Node, fx.Node] = dataclasses.field(default_factory=dict)
+    lengths: tuple[Any, Any] | None = None  # (Nq, Nk) as ints or sym_size nodes
+
+    def items(self):
+        return self.memo.items()
+
+    def __contains__(self, node: fx.Node) -> bool:
+        return node in self.memo
+
+    def __getitem__(self, node: fx.Node) -> fx.Node:
+        return self.memo[node]
+
+    def __setitem__(self, node: fx.Node, value: fx.Node) -> None:
+        self.memo[node] = value
+
+    def __delitem__(self, node: fx.Node) -> None:
+        del self.memo[node]
+
+
+def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: _Rows) -> str | None:
     """Rewrite one site; return a reason (and leave the graph as it was) if it cannot be done."""
     created_before = set(graph.nodes)
     emit = Emitter(graph, match.output)
@@ -95,7 +121,7 @@ class _Refuse(Exception):
     pass
 
 
-def _build(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> fx.Node:
+def _build(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node:
     site = match.site
     frame = match.frame_batch
     q_batch = match.batch_letters
@@ -103,12 +129,18 @@ def _build(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> fx.
     k = _canonical_operand(emit, match.key, q_batch, match.score_batch, frame, keep_heads=True)
     p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
     v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, keep_heads=True)
+    rows.lengths = (_length(emit, q), _length(emit, k))
     mask = _canonical_mask(emit, match, rows)
     causal = site.mask.is_causal
     node = emit.call(attention, q, k, v, mask=mask, causal=causal, scale=site.scale,
                      dropout_p=site.dropout_p)
     node.meta[SITE_META] = site
     return _restore_output(emit, node, match)
+
+
+def _length(emit: Emitter, x: fx.Node) -> Any:
+    size = G.shape(x)[2]
+    return size if isinstance(size, int) else emit.call(aten.sym_size.int, x, 2)
 
 
 def _canonical_operand(emit: Emitter, op: Operand, batch_order: str, batch_sizes: tuple[Any, ...],
@@ -199,7 +231,7 @@ def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch) -> fx.Node:
 
 # -- masks -------------------------------------------------------------------------------------------
 
-def _canonical_mask(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node]) -> fx.Node | None:
+def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node | None:
     cls = match.site.mask
     if cls in (MaskClass.NONE, MaskClass.CAUSAL):
         return None
@@ -209,7 +241,7 @@ def _canonical_mask(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node
     parts: list[fx.Node] = []
     for term in match.mask_terms:
         node = _row(emit, term.node, rows) if key_only else term.node
-        parts.append(node)
+        parts.append(_to_frame(emit, node, term, match.frame_batch))
     if len(parts) == 1 and match.mask_terms[0].kind == "keep":
         mask = parts[0]
     elif len(parts) == 1 and match.mask_terms[0].kind == "add" and match.mask_terms[0].value == 1.0:
@@ -222,6 +254,25 @@ def _canonical_mask(emit: Emitter, match: SiteMatch, rows: dict[fx.Node, fx.Node
     for _ in range(frame_rank - G.rank(mask)):
         mask = emit.unsqueeze(mask, 0)
     return _to_4d_mask(emit, mask, len(match.frame_batch))
+
+
+def _to_frame(emit: Emitter, node: fx.Node, term: MaskTerm, frame: tuple[Any, ...]) -> fx.Node:
+    """A mask term applied in another batch layout (heads folded into the batch) -> ``frame``."""
+    term_batch = tuple(G.shape(term.frame)[:-2])
+    if _same_shape(term_batch, frame):
+        return node
+    for _ in range(len(term_batch) + 2 - G.rank(node)):
+        node = emit.unsqueeze(node, 0)
+    shp = G.shape(node)
+    if all(G.is_one(s) for s in shp[:-2]):
+        out = emit.reshape(node, [*([1] * len(frame)), shp[-2], shp[-1]])
+    else:
+        full = emit.call(aten.expand.default, node,
+                         [*[_size_arg(s) for s in term_batch], -1, -1])
+        out = emit.reshape(full, [*frame, shp[-2], shp[-1]])
+    if out is None:
+        raise _Refuse("cannot move a mask term to the softmax's batch layout")
+    return out
 
 
 def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int) -> fx.Node:
@@ -247,7 +298,7 @@ def _additive(emit: Emitter, term: MaskTerm, node: fx.Node, dtype: torch.dtype |
         aten.scalar_tensor.default, zero, dtype=dtype or torch.float32), term.value)
 
 
-def _row(emit: Emitter, node: fx.Node, rows: dict[fx.Node, fx.Node]) -> fx.Node:
+def _row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node:
     """``node[..., -1:, :]`` (the last query row), computed by pushing the slice to the leaves."""
     if node in rows:
         return rows[node]
@@ -257,7 +308,10 @@ def _row(emit: Emitter, node: fx.Node, rows: dict[fx.Node, fx.Node]) -> fx.Node:
         return node
     name = G.op_name(node)
     out_rank = len(shp)
-    if name in _ELEMENTWISE_ROW:
+    positional = _positional_row(emit, node, rows)
+    if positional is not None:
+        new = positional
+    elif name in _ELEMENTWISE_ROW:
         def sub(a: Any) -> Any:
             if isinstance(a, fx.Node) and G.rank(a) >= 2 and out_rank - G.rank(a) <= out_rank - 2:
                 return _row(emit, a, rows)
@@ -274,3 +328,34 @@ def _row(emit: Emitter, node: fx.Node, rows: dict[fx.Node, fx.Node]) -> fx.Node:
         new = emit.call(aten.slice.Tensor, node, out_rank - 2, -1, None)
     rows[node] = new
     return new
+
+
+def _positional_row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node | None:
+    """The last row of a mask that is a pure function of positions (``tril`` of ones, a causal
+    buffer, an ``arange`` comparison), rebuilt from ``arange`` in O(Nk)."""
+    av = rows.analysis.value(node)
+    r = av.rank
+    if av.vary or not av.cmps or av.on is None or av.off is None or rows.lengths is None:
+        return None
+    q_axis, k_axis = r - 2, r - 1
+    if any({c.a, c.b} != {q_axis, k_axis} for c in av.cmps):
+        return None
+    q_len, k_len = rows.lengths
+    positions = emit.call(aten.arange.default, k_len, dtype=torch.int64)
+    last = emit.call(operator.sub, q_len, 1) if isinstance(q_len, fx.Node) else q_len - 1
+    keep = None
+    for c in av.cmps:
+        # j - i <= c  ->  j <= last + c ;  i - j <= c  ->  j >= last - c
+        if c.a == k_axis:
+            bound = emit.call(operator.add, last, c.c) if isinstance(last, fx.Node) else last + c.c
+            cond = emit.call(aten.le.Scalar, positions, bound)
+        else:
+            bound = emit.call(operator.sub, last, c.c) if isinstance(last, fx.Node) else last - c.c
+            cond = emit.call(aten.ge.Scalar, positions, bound)
+        keep = cond if keep is None else emit.call(aten.logical_and.default, keep, cond)
+    dtype = G.dtype(node) or torch.float32
+    on = emit.call(aten.scalar_tensor.default, av.on, dtype=dtype)
+    row = emit.call(aten.where.ScalarOther, keep, on, av.off)
+    if row.meta.get("val") is not None and row.meta["val"].dtype != dtype:
+        row = emit.call(aten.to.dtype, row, dtype)
+    return emit.call(aten.reshape.default, row, [*([1] * (r - 1)), -1])

@@ -33,7 +33,7 @@ from attnrewrite.site import AttentionSite, MaskClass
 
 SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "special_softmax"})
 SDPA_OPS = frozenset({"scaled_dot_product_attention"})
-_COPIES = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy"})
+_COPIES = frozenset({"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"})
 _CASTS = frozenset({"to", "_to_copy", "type_as"})
 _RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten",
                        "unflatten", "expand"})
@@ -322,11 +322,12 @@ def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str) -> tu
 def _canonical_problem(walk: _ScoreWalk, scores: fx.Node, frame_batch: tuple[Any, ...],
                        score_batch: tuple[Any, ...], out_batch: tuple[Any, ...]) -> str | None:
     """Why the site cannot be put in canonical form (it is still a site), or ``None``."""
-    for term in walk.terms:
-        fb = tuple(G.shape(term.frame)[:-2])
-        if len(fb) != len(frame_batch) or not all(G.same_size(a, b) for a, b in zip(fb, frame_batch)):
-            return "a mask is applied in another batch layout than the softmax"
     total = _numel(frame_batch)
+    for term in walk.terms:
+        # Terms applied where heads are folded into the batch (BLOOM's baddbmm bias) are
+        # reshaped to the softmax's batch layout when canonicalised.
+        if not G.same_size(_numel(tuple(G.shape(term.frame)[:-2])), total):
+            return "a mask is applied in a batch layout of another size than the softmax"
     for other in (score_batch, out_batch):
         if not G.same_size(_numel(other), total):
             return "the batch axes of the products and the softmax differ in size"

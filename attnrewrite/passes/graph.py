@@ -108,11 +108,6 @@ def as_int(size: Any) -> int | None:
         expr = size.node.expr
         if getattr(expr, "is_number", False):
             return int(expr)
-        try:
-            hint = size.node.maybe_as_int()
-        except Exception:  # noqa: BLE001
-            hint = None
-        return hint
     return None
 
 
@@ -166,7 +161,7 @@ def scalar_value(x: Any, gm: fx.GraphModule | None = None) -> float | None:
         if inner is None:
             return None
         return {"sqrt": math.sqrt, "reciprocal": lambda v: 1.0 / v, "neg": lambda v: -v}[name](inner)
-    if name in ("clone", "detach", "to", "_to_copy", "alias") and rank(x) == 0:
+    if name in ("clone", "detach", "detach_", "to", "_to_copy", "alias") and rank(x) == 0:
         return scalar_value(x.args[0], gm)
     return None
 

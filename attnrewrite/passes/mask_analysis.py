@@ -73,6 +73,22 @@ class AbstractValue:
         return self.on if self.is_const else None
 
 
+def _oriented(av: AbstractValue) -> AbstractValue:
+    """Orient a two-valued single comparison so that the outside value is the absorbing one.
+
+    ``triu(ones, 1)`` used as "masked where True" and ``tril(ones)`` used as "kept where True" are
+    the same set; keeping the masked/False/0 value outside lets a later combination with a data
+    term (key padding) stay exact instead of losing the structure.
+    """
+    if len(av.cmps) != 1 or av.on is None or av.off is None:
+        return av
+    on, off = _canon(av.on), _canon(av.off)
+    if on == MASKED or on is False or (on == 0.0 and off not in (MASKED, 0.0)):
+        (c,) = av.cmps
+        return dataclasses.replace(av, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}), on=av.off, off=av.on)
+    return av
+
+
 def _const(value: Any, rank: int = 0) -> AbstractValue:
     return AbstractValue(rank=rank, on=value)
 
@@ -183,7 +199,7 @@ _UNARY: dict[str, Callable[[Any], Any]] = {
     "log": lambda a: -math.inf if a == 0 else math.log(a) if a > 0 else math.nan,
 }
 _COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
-_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "_assert_tensor_metadata"}
+_IDENTITY = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"}
 _CASTS = {"to", "_to_copy", "type_as"}
 
 #: Stand-ins for an unknown data value: the outside value is known only if it is the same for all.
@@ -431,7 +447,7 @@ class MaskAnalysis:
                     if torch.equal(expect, m):
                         if m.dtype == torch.bool:
                             on, off = bool(on), bool(off)
-                        return AbstractValue(rank=r, cmps=frozenset({cmp}), on=on, off=off)
+                        return _oriented(AbstractValue(rank=r, cmps=frozenset({cmp}), on=on, off=off))
         return None
 
     # -- helpers --------------------------------------------------------------------------------
@@ -451,7 +467,7 @@ class MaskAnalysis:
             return _flatten(av, shp)
         if av.cmps and on is not None and _canon(on) == _canon(off):
             return _const(on, av.rank)
-        return dataclasses.replace(av, on=on, off=off)
+        return _oriented(dataclasses.replace(av, on=on, off=off))
 
     def _nary(self, fn: Callable[..., Any], args: Sequence[Any], shp: Any, r: int) -> AbstractValue:
         avs = [self._align(self.value(a), r) if isinstance(a, fx.Node) else _const(a, r) for a in args]
@@ -493,7 +509,7 @@ class MaskAnalysis:
             return self._flat_union(avs, r, shp)
         if on is not None and _canon(on) == off:
             return AbstractValue(rank=r, vary=vary, on=on)
-        return AbstractValue(rank=r, vary=vary, cmps=cmps, on=on, off=off)
+        return _oriented(AbstractValue(rank=r, vary=vary, cmps=cmps, on=on, off=off))
 
     @staticmethod
     def _flat_union(avs: Sequence[AbstractValue], r: int, shp: Any) -> AbstractValue:
@@ -542,6 +558,8 @@ class MaskAnalysis:
             }
             if name in rules:
                 return AbstractValue(rank=r, cmps=frozenset(rules[name]), on=True, off=False)
+            if name == "eq" and off == 0:
+                return _flatten(AbstractValue(rank=r, diff=(u, v, off)), shp)
             return _flatten(AbstractValue(rank=r, diff=(u, v, off)), shp)
         if a.index and b.is_const and isinstance(b.const, (int, float)):
             lo = a.index[1]  # positions are >= their offset

@@ -10,9 +10,9 @@ Nq x Nk matrix. Instead the pattern is described by *query groups*:
 - scores are computed on the gathered (B, H, G, bq, K) tensor only, and the exact predicate is
   evaluated from the position indices of those pairs, so memory is O(G·bq·K), e.g. O(N·w) for a
   window and O(N·√N) for strided patterns;
-- segments may gather the same pair twice (a global key inside a window); every segment therefore
-  states which pairs it ``covers`` and drops pairs an earlier segment covers, so each allowed pair is
-  counted exactly once;
+- segments may gather the same pair twice (a global key inside a window); every segment
+  therefore states which pairs it ``covers`` and drops pairs an earlier segment covers, so each
+  allowed pair is counted exactly once;
 - each group yields the softmax statistics of its pairs (row maximum, normaliser, weighted values),
   scattered back to query rows and merged across groups as in blockwise/flash attention: the result
   equals softmax over the union of all allowed pairs.
@@ -149,7 +149,7 @@ def pattern_attention(
     Returns:
         (B, H, Nq, dv) in the dtype of ``query``; rows with no allowed key are 0.
     """
-    acc = compute_dtype(query.dtype)
+    out_dtype, acc = query.dtype, compute_dtype(query.dtype)
     q_len, k_len = query.shape[-2], key.shape[-2]
     if mask is not None:
         while mask.dim() < 4:
@@ -176,7 +176,7 @@ def pattern_attention(
             total = total + row_total * factor
             weighted = weighted + row_weighted * factor.unsqueeze(-1)
     out = weighted / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    return out.to(query.dtype) if out.dtype != query.dtype else out
+    return out.to(out_dtype)
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:
@@ -216,7 +216,7 @@ def _group_partials(
     Rows the group does not reach, or where it allows no key, have max -inf and sum 0.
     """
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, k_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
+    kv_heads, k_len = key.shape[1], key.shape[2]
     q_pos = group.positions
     rows, block = q_pos.shape
     i = q_pos[:, :, None]
@@ -226,20 +226,20 @@ def _group_partials(
         seen.append(segment.covers)
     keep = torch.cat(keeps, dim=-1)
     k_pos = torch.cat([segment.positions for segment in group.segments], dim=-1)
-    width = k_pos.shape[-1]
 
     # Padding positions read row 0 (any valid row); ``keep`` already excludes them.
     q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
     k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
-    group_size = heads // kv_heads
-    q = query.index_select(2, q_index.flatten())
-    q = q.view(batch, kv_heads, group_size, rows, block, head_dim)
-    k = key.index_select(2, k_index.flatten()).view(batch, kv_heads, rows, width, head_dim)
-    v = value.index_select(2, k_index.flatten()).view(batch, kv_heads, rows, width, value_dim)
-    scores = torch.einsum("bhrgtd,bhgkd->bhrgtk", q, k) * scale
-    scores = scores.reshape(batch, heads, rows, block, width)
+    # Gathers by a 2-D index give (B, ·, G, bq|K, d) directly: no symbolic size is split by a
+    # reshape, which keeps torch.export free of guards it cannot prove.
+    # Query head h reads key/value head h // (H / Hkv): one gather gives (B, H, G, K, d).
+    kv_head = torch.arange(heads, device=q_pos.device) // (heads // kv_heads)
+    kv_index = (kv_head[:, None, None], k_index[None])
+    q = query[:, :, q_index]
+    k, v = key[:, kv_index[0], kv_index[1]], value[:, kv_index[0], kv_index[1]]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, G, bq, K)
     if mask is not None:
-        bias = mask[..., q_index[:, :, None], k_index[:, None, :]]
+        bias = mask[..., q_index[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
         if bias.dtype == torch.bool:
             keep = keep & bias
         else:
@@ -250,18 +250,14 @@ def _group_partials(
     row_max = scores.amax(dim=-1).detach()
     weights = torch.exp(scores - _finite_or_zero(row_max).unsqueeze(-1))
     row_total = weights.sum(dim=-1)
-    weights = weights.view(batch, kv_heads, group_size, rows, block, width)
-    row_weighted = torch.einsum("bhrgtk,bhgkd->bhrgtd", weights, v)
+    row_weighted = torch.matmul(weights, v)
 
     # Back to query rows: padding positions go to a dump row Nq, cut off afterwards.
     target = torch.where(q_pos < q_len, q_pos, torch.full_like(q_pos, q_len)).flatten()
 
     def to_rows(stat: Tensor, fill: float) -> Tensor:
+        stat = stat.flatten(2, 3)  # (B, H, G * bq, ·)
         base = stat.new_full((batch, heads, q_len + 1, *stat.shape[3:]), fill)
         return base.index_copy(2, target, stat).narrow(2, 0, q_len)
 
-    return (
-        to_rows(row_max.reshape(batch, heads, rows * block), float("-inf")),
-        to_rows(row_total.reshape(batch, heads, rows * block), 0.0),
-        to_rows(row_weighted.reshape(batch, heads, rows * block, value_dim), 0.0),
-    )
+    return to_rows(row_max, float("-inf")), to_rows(row_total, 0.0), to_rows(row_weighted, 0.0)

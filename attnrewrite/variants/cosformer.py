@@ -17,10 +17,10 @@ class CosFormerAttention(FeatureMapAttention):
 
     A_ij = w_j relu(q_i)·relu(k_j) cos(π/2 · (i − j)/M), on q·√s and k·√s, positions i, j counted
     from 0 and M = max(Nq, Nk). Since cos(a − b) = cos a cos b + sin a sin b, the re-weighted kernel
-    is the plain inner product of the 2d features
-    φ(q_i) = [relu(q_i) cos θ_i, relu(q_i) sin θ_i], φ(k_j) = [relu(k_j) cos θ_j, relu(k_j) sin θ_j],
-    θ_t = π t / 2M — exactly, so one core call computes it in linear time. |i − j| < M keeps the
-    weight in (0, 1]: nearby keys weigh more, and every term stays non-negative.
+    is the plain inner product of the 2d features φ(q_i) = [relu(q_i) cos θ_i, relu(q_i) sin θ_i]
+    and φ(k_j) = [relu(k_j) cos θ_j, relu(k_j) sin θ_j], θ_t = π t / 2M — exactly, so one core
+    call computes it in linear time. |i − j| < M keeps the weight in (0, 1]: nearby keys weigh
+    more, and every term stays non-negative.
 
     Because M is the full length, a causal prefix's weights depend on how long the sequence will
     be: the recurrent ``kernel_core.step`` form reproduces a causal forward only for a known M.

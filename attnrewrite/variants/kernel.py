@@ -130,5 +130,8 @@ class KernelAttention(FeatureMapAttention):
     def extra_repr(self) -> str:
         # The base repr deep-copies options (dataclasses.asdict); a module prints itself anyway.
         shown = self.feature_map
-        label = "module" if isinstance(shown, nn.Module) else getattr(shown, "__name__", repr(shown))
+        if isinstance(shown, nn.Module):
+            label = type(shown).__name__
+        else:
+            label = getattr(shown, "__name__", repr(shown))
         return f"site={self.site.name!r}, feature_map={label}, chunk_size={self.options.chunk_size}"

@@ -6,10 +6,12 @@ With a feature map φ, attention becomes a kernel smoother (Tsai et al. 2019, ar
 
 where w_j are per-key weights (the exact form of a key-only mask, 0 for masked keys). Non-causal
 attention is computed as φ(Q) (Σ_j w_j φ(k_j) v_jᵀ): O(N·m·dv) time and O(m·dv) state. Causal
-attention (j <= i) is computed in chunks of C positions: the exact masked product inside a chunk plus
-a prefix state carried from the previous chunks, as an exclusive cumulative sum over chunk states:
-time O(N·C·m + N·m·dv), memory O(N·C + (N/C)·m·dv) — never an O(N·m·dv) per-position cumsum and no
-Python loop over positions, so it exports to ONNX and compiles without graph breaks.
+attention (j <= i) is computed in chunks of C positions: the exact masked product inside a chunk
+plus a prefix state carried from the previous chunks, as an exclusive cumulative sum over chunk
+states: time O(N·C·m + N·m·dv), memory O(N·C + (N/C)·m·dv) — never an O(N·m·dv) per-position
+cumsum and no Python loop over positions, so it exports to ONNX and compiles without graph breaks.
+Sequence lengths may be symbolic (``torch.export`` with a dynamic length): nothing converts a
+length to a Python int or branches on tensor values.
 
 Causal attention may also carry a per-position decay g_t = exp(log_decay_t) ∈ (0, 1] (gated
 recency, as in RFA-Gate): the state obeys S_t = g_t S_{t-1} + w_t φ(k_t) v_tᵀ, so key j reaches
@@ -130,79 +132,87 @@ def _causal_chunked(
     q_len, k_len = q.shape[-2], k.shape[-2]
     length = max(q_len, k_len) if isinstance(q_len, int) and isinstance(k_len, int) else q_len
     # Pad both sequences to a multiple of the chunk; padded keys have zero features (no weight).
-    # One chunk more than needed, so there are always at least two: with a symbolic length that
-    # could give one chunk, torch.export would specialise on whether the chunk axis has size 1.
-    padded = ((length + chunk - 1) // chunk + 1) * chunk
-    b, h, g, m, dv = q.shape[0], q.shape[1], q.shape[2], q.shape[-1], v.shape[-1]
-    # Everything below is a batch of (B·Hkv·C#) chunk problems multiplied with bmm, and every
-    # reshape leaves the one symbolic size to -1 and crops with a negative pad: batched einsum,
-    # explicit symbolic sizes or slicing make torch.export guard on facts about the length that
-    # its solver cannot prove (divisibility, "C# != 1"), which would specialise the length.
-    qc = F.pad(q, (0, 0, 0, padded - q_len)).reshape(b, h, g, -1, chunk, m)
-    qc = qc.transpose(2, 3).reshape(-1, g * chunk, m)  # the group's queries of one chunk
-    kc = F.pad(k, (0, 0, 0, padded - k_len)).reshape(-1, chunk, m)
+    # At least two chunks: with a symbolic length that could give one chunk, torch.export would
+    # specialise on whether the chunk axis has size 1. sym_max also keeps "padded = C# · C" a
+    # product its solver can divide (C# + 1 would be expanded to C·C# + C, which it cannot).
+    padded = torch.sym_max((length + chunk - 1) // chunk, 2) * chunk
+    b, h, g, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
+    # Everything below is a batch of (C#·B·Hkv) chunk problems multiplied with bmm, chunk axis
+    # first. Shapes change only by splitting an axis (unflatten, the symbolic part left to -1)
+    # or merging axes that start with the symbolic one (flatten), and crops are negative pads:
+    # torch.export's solver cannot prove the divisibility facts that other orders or general
+    # reshapes, batched einsum or slicing ask about a symbolic length, and would specialise it.
+    qc = _chunk_first(F.pad(q, (0, 0, 0, padded - q_len)), chunk)  # (C#, B, Hkv, G, C, m)
+    qc = qc.flatten(3, 4).flatten(0, 2)  # (C#·B·Hkv, G·C, m): the chunk's queries of one group
+    kc = _chunk_first(F.pad(k, (0, 0, 0, padded - k_len)), chunk).flatten(0, 2)
     # The normaliser rides along as an extra value column of ones (see _non_causal).
     ones = torch.ones_like(v[..., :1])
-    vc = F.pad(torch.cat([v, ones], dim=-1), (0, 0, 0, padded - k_len)).reshape(-1, chunk, dv + 1)
+    vc = F.pad(torch.cat([v, ones], dim=-1), (0, 0, 0, padded - k_len))
+    vc = _chunk_first(vc, chunk).flatten(0, 2)  # (C#·B·Hkv, C, dv+1)
     keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    scores = torch.bmm(qc, kc.transpose(1, 2)).reshape(-1, g, chunk, chunk)
+    scores = torch.bmm(qc, kc.transpose(1, 2)).unflatten(1, (g, chunk))
     if log_decay is None:
-        chunk_state = torch.bmm(kc.transpose(1, 2), vc).reshape(b * h, -1, m * (dv + 1))
+        chunk_state = torch.bmm(kc.transpose(1, 2), vc).unflatten(0, (-1, b * h))
         # Exclusive prefix over chunks: the inclusive one shifted by one chunk (pad one in front,
         # crop one at the end), which avoids the cancellation of cumsum − self.
-        prefix = F.pad(chunk_state.cumsum(dim=1), (0, 0, 1, -1))
-        carried = torch.bmm(qc, prefix.reshape(-1, m, dv + 1))
+        prefix = F.pad(chunk_state.cumsum(dim=0), (0, 0, 0, 0, 0, 0, 1, -1))
+        carried = torch.bmm(qc, prefix.flatten(0, 1))
         scores = scores * keep.to(scores.dtype)
     else:
-        dims = (b, h, g, chunk, m, dv)
-        carried, decay = _decayed_prefix(qc, kc, vc, log_decay, padded - k_len, keep, dims)
+        log_decay = F.pad(log_decay, (0, padded - k_len)).expand(b, h, -1)
+        carried, decay = _decayed_prefix(qc, kc, vc, log_decay, keep, (b * h, g, chunk))
         scores = scores * decay.unsqueeze(1)
     # Inside a chunk: the exact lower-triangular product.
-    out = carried + torch.bmm(scores.reshape(-1, g * chunk, chunk), vc)
-    out = out[..., :dv] / out[..., dv:].clamp_min(eps)
-    out = out.reshape(b, h, -1, g, chunk, dv).transpose(2, 3).reshape(b, h, g, -1, dv)
+    out = carried + torch.bmm(scores.flatten(1, 2), vc)
+    out = out[..., :dv] / out[..., dv:].clamp_min(eps)  # (C#·B·Hkv, G·C, dv)
+    out = out.unflatten(0, (-1, b, h)).unflatten(3, (g, chunk)).permute(1, 2, 3, 0, 4, 5)
+    out = out.contiguous().flatten(3, 4)  # (B, Hkv, G, C#·C, dv)
     return F.pad(out, (0, 0, 0, q_len - padded))
 
 
+def _chunk_first(x: Tensor, chunk: int) -> Tensor:
+    """(B, Hkv, [G,] P, d) -> (P/C, B, Hkv, [G,] C, d), contiguous."""
+    x = x.unflatten(-2, (-1, chunk))
+    order = (x.dim() - 3, *range(x.dim() - 3), x.dim() - 2, x.dim() - 1)
+    return x.permute(order).contiguous()
+
+
 def _decayed_prefix(
-    qc: Tensor,
-    kc: Tensor,
-    vc: Tensor,
-    log_decay: Tensor,
-    pad: int,
-    keep: Tensor,
-    dims: tuple[int, ...],
+    qc: Tensor, kc: Tensor, vc: Tensor, log_decay: Tensor, keep: Tensor, dims: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
     """Decayed causal attention: what earlier chunks contribute, and the decay inside a chunk.
 
-    qc: (B·Hkv·C#, G·C, m); kc: (B·Hkv·C#, C, m); vc: (B·Hkv·C#, C, dv+1) with the ones column.
-    Returns the carried numerator/denominator (B·Hkv·C#, G·C, dv+1) and the within-chunk decay
-    (B·Hkv·C#, C, C), zero above the diagonal.
+    qc: (C#·B·Hkv, G·C, m); kc: (C#·B·Hkv, C, m); vc: (C#·B·Hkv, C, dv+1) with the ones column;
+    log_decay: (B, Hkv, P) padded with zeros (g = 1: padded positions come after every real one).
+    Returns the carried numerator/denominator (C#·B·Hkv, G·C, dv+1) and the within-chunk decay
+    (C#·B·Hkv, C, C), zero above the diagonal.
     """
-    b, h, g, chunk, m, dv = dims
-    # Padded positions decay by g = 1 (log 0); they come after every real position anyway.
-    log_decay = F.pad(log_decay, (0, pad)).expand(b, h, -1)
-    local = log_decay.reshape(b * h, -1, chunk).cumsum(dim=-1)  # G_a within the chunk
-    n_chunks = local.shape[1]
+    heads, g, chunk = dims  # heads = B·Hkv
+    local = _chunk_first(log_decay.unsqueeze(-1), chunk).squeeze(-1).flatten(1, 2)
+    local = local.cumsum(dim=-1)  # (C#, B·Hkv, C): G_a, the log-decay from the chunk start to a
     total = local[..., -1]  # log-decay across a whole chunk
     # exp(G_a - G_b) for b <= a; differences are <= 0, masked to -inf above the diagonal *before*
     # the exp so no inf (and no inf·0 = nan in the backward pass) ever appears.
     within = (local.unsqueeze(-1) - local.unsqueeze(-2)).masked_fill(~keep, float("-inf"))
-    within = within.exp().reshape(-1, chunk, chunk)
+    within = within.exp().flatten(0, 1)
     # Each chunk's state as seen at its end: keys decayed by exp(G_end - G_b) <= 1.
-    to_end = (total.unsqueeze(-1) - local).exp().reshape(-1, chunk, 1)
-    chunk_state = torch.bmm((kc * to_end).transpose(1, 2), vc).reshape(b * h, n_chunks, -1)
+    to_end = (total.unsqueeze(-1) - local).exp().flatten(0, 1).unsqueeze(-1)
+    chunk_state = torch.bmm((kc * to_end).transpose(1, 2), vc)  # (C#·B·Hkv, m, dv+1)
+    state_shape = chunk_state.shape[1:]
+    chunk_state = chunk_state.unflatten(0, (-1, heads)).flatten(2).transpose(0, 1)
     # Chunk c' reaches the start of chunk c > c' decayed by the chunks strictly between them:
-    # exp(U_{c-1} - U_{c'}) with U the inclusive cumsum of chunk totals.
-    cum = total.cumsum(dim=-1)
-    before = (cum - total).unsqueeze(-1) - cum.unsqueeze(-2)  # (B·Hkv, C#, C#)
+    # exp(U_{c-1} - U_{c'}) with U the inclusive cumsum of chunk totals; (B·Hkv, C#, C#).
+    cum = total.cumsum(dim=0).T
+    before = (cum - total.T).unsqueeze(-1) - cum.unsqueeze(-2)
+    n_chunks = before.shape[-1]
     earlier = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=kc.device).tril(-1)
     carry = before.masked_fill(~earlier, float("-inf")).exp()
-    prefix = torch.bmm(carry, chunk_state).reshape(-1, m, dv + 1)
+    prefix = torch.bmm(carry, chunk_state).transpose(0, 1).contiguous()  # (C#, B·Hkv, ...)
+    prefix = prefix.flatten(0, 1).unflatten(-1, state_shape)
     # From the chunk start to position a the carried state decays by exp(G_a).
-    into = local.exp().reshape(-1, 1, chunk, 1)
-    carried = torch.bmm(qc, prefix).reshape(-1, g, chunk, dv + 1) * into
-    return carried.reshape(-1, g * chunk, dv + 1), within
+    into = local.exp().flatten(0, 1)[:, None, :, None]
+    carried = torch.bmm(qc, prefix).unflatten(1, (g, chunk)) * into
+    return carried.flatten(1, 2), within
 
 
 def init_state(
@@ -257,7 +267,8 @@ def step(
         phi_k_t: (B, Hkv, m) key features at position t (Hs % Hkv == 0).
         v_t: (B, Hkv, dv) value at position t.
         key_weight_t: (B|1, 1|Hkv|Hs) weight of key t, or None.
-        log_decay_t: (B|1, 1|Hkv|Hs) log of the decay g_t applied to the state before key t, or None.
+        log_decay_t: (B|1, 1|Hkv|Hs) log of the decay g_t applied to the state before key t,
+            or None.
         eps: the normaliser is clamped to at least ``eps``.
 
     Returns:

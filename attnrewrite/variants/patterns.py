@@ -133,9 +133,10 @@ class LocalAttention(PatternAttention):
 
     out_i = Σ_{|i-j| <= w} softmax_j(q_i·k_j·s + m_ij) v_j (causal: also j <= i).
 
-    Capabilities: all mask classes (``general`` read inside the window only), causal, cross-attention
-    (positions from 0 on both sides), grouped heads, no parameters. Options: ``window`` w,
-    ``block_size`` b (default max(w, 16)). Cost: time and memory O(N·(2⌈w/b⌉+1)·b) = O(N·w).
+    Capabilities: all mask classes (``general`` read inside the window only), causal,
+    cross-attention (positions from 0 on both sides), grouped heads, no parameters. Options:
+    ``window`` w, ``block_size`` b (default max(w, 16)). Cost: time and memory
+    O(N·(2⌈w/b⌉+1)·b) = O(N·w).
     """
 
     name: ClassVar[str] = "local"
@@ -199,9 +200,7 @@ class StridedSparseAttention(PatternAttention):
         lane = torch.arange(stride, device=device)[:, None]
         column_queries = lane + torch.arange(padded_count(q_len, stride), device=device) * stride
         column_keys = lane + torch.arange(padded_count(k_len, stride), device=device) * stride
-        columns = KeySegment(
-            column_keys, lambda i, j: torch.remainder(i - j, stride) == 0
-        )
+        columns = KeySegment(column_keys, lambda i, j: torch.remainder(i - j, stride) == 0)
         return [QueryGroup(queries, (band,)), QueryGroup(column_queries, (columns,))], self.allows
 
 
@@ -409,7 +408,7 @@ def _hash32(x: Tensor) -> Tensor:
 
 
 def _in_random_blocks(picks: Tensor, block: int, query_pos: Tensor, key_pos: Tensor) -> Tensor:
-    """Whether ⌊j/b⌋ is one of the random blocks of ⌊i/b⌋ (positions broadcast against each other)."""
+    """Whether ⌊j/b⌋ is one of the random blocks of ⌊i/b⌋ (positions broadcast together)."""
     query_block = torch.div(query_pos, block, rounding_mode="floor").clamp(0, picks.shape[0] - 1)
     key_block = torch.div(key_pos, block, rounding_mode="floor")
     return (picks[query_block] == key_block.unsqueeze(-1)).any(dim=-1)

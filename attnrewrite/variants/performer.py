@@ -42,12 +42,20 @@ class PerformerAttention(FeatureMapAttention):
     k·√s, so the kernel estimates exp(s·q·k) and the output estimates softmax attention (unbiased
     numerator and denominator). Every feature is positive, so the normaliser is too.
 
-    Stable form: exponents are shifted before ``exp`` — per query row by its own maximum, and for
-    keys by one maximum over all (unmasked) keys and features of a (batch, head). Both are factors
-    common to a whole row or to every key, so they cancel between numerator and denominator; the
-    largest feature is exactly 1 and float16/bfloat16 inputs (computed in float32) with large q, k
-    norms stay finite. Keys the mask removes do not take part in the key maximum, so padding
-    vectors of any size cannot underflow the real keys.
+    Stable form: the exponents a_r(q) = ω_r·q − |q|²/2 and b_r(k) likewise are shifted before
+    ``exp``. Keys: feature r is shifted by c_r = max_j b_r(k_j) over the (unmasked) keys of a
+    (batch, head), and c_r is added to the queries' exponents instead — exact, since
+    φ(q)·φ(k) = Σ_r e^{a_r(q) + c_r} e^{b_r(k) − c_r}. Queries: each row is then shifted by its own
+    maximum over features, a factor common to the numerator and the denominator of that row. So
+    every key feature is at most 1 with a 1 somewhere, the dominant term of each row is exactly 1,
+    and only terms below e^-87 of it underflow: float16/bfloat16 inputs (computed in float32) with
+    |q|, |k| ~ 30 stay finite and, non-causal, accurate. (One shift per head — a max over keys and
+    features — also cancels, but loses a row whenever its features and the keys' peak in different
+    features.) Causal caveat: the shifts are taken over the whole sequence, so for very large norms
+    an early query whose keys are all far below the later maxima can underflow to the clamped
+    normaliser (finite, inaccurate); at |x·√s| of a few units this does not arise. Keys the mask
+    removes do not take part in the maxima, so padding vectors of any size cannot underflow the
+    real keys. The shifts carry no gradient: the function does not depend on them.
 
     Capabilities: masks ``none``, ``key``, ``causal``, ``causal+key``; causal; cross-attention;
     grouped key/value heads (one projection shared by all heads). Options: ``num_features`` m
@@ -71,7 +79,7 @@ class PerformerAttention(FeatureMapAttention):
 
     @torch.no_grad()
     def redraw_projection(self) -> None:
-        """Replace the projection by a new draw (reproducible: seeded from ``seed`` and the count)."""
+        """Replace the projection by a new draw, seeded from ``seed`` and the number of draws."""
         self._draws += 1
         generator = torch.Generator()
         base = 0 if self.seed is None else int(self.seed)
@@ -86,18 +94,19 @@ class PerformerAttention(FeatureMapAttention):
         projection = self.projection.to(query.dtype)
         q_log = query @ projection.T - query.square().sum(-1, keepdim=True) / 2
         k_log = key @ projection.T - key.square().sum(-1, keepdim=True) / 2
-        # The shifts are constants of the function (they cancel), so no gradient flows into them.
-        q_shift = q_log.amax(dim=-1, keepdim=True).detach()
-        k_shift = _key_maximum(k_log.detach(), weights)
+        # Per-feature key maxima move to the query side (see the class docstring).
+        k_shift = _key_maximum(k_log.detach(), weights)  # (B, Hkv, 1, m)
+        q_log = q_log + k_shift.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        q_shift = q_log.detach().amax(dim=-1, keepdim=True)
         root_m = math.sqrt(self.num_features)
         return (q_log - q_shift).exp() / root_m, (k_log - k_shift).exp() / root_m
 
 
 def _key_maximum(k_log: Tensor, weights: Tensor | None) -> Tensor:
-    """The maximum of the key log-features over keys and features, per (batch, head): (B, Hkv, 1, 1).
+    """Per-feature maximum of the key log-features over the keys: (B, Hkv, 1, m).
 
-    Masked keys (weight 0) are left out. Fully masked rows fall back to 0 (their features are
-    multiplied by zero weights anyway).
+    Masked keys (weight 0) are left out. A fully masked (batch, head) falls back to 0 (its
+    features are multiplied by zero weights anyway).
     """
     if weights is not None:
         batch, kv_heads = k_log.shape[0], k_log.shape[1]
@@ -107,5 +116,5 @@ def _key_maximum(k_log: Tensor, weights: Tensor | None) -> Tensor:
             masked = masked.reshape(masked.shape[0], kv_heads, -1, masked.shape[-1]).all(dim=2)
         masked = masked.expand(batch, kv_heads, -1).unsqueeze(-1)
         k_log = k_log.masked_fill(masked, float("-inf"))
-    top = k_log.amax(dim=(-2, -1), keepdim=True)
+    top = k_log.amax(dim=-2, keepdim=True)
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -1,4 +1,4 @@
-"""Random Feature Attention (RFA): random Fourier features of the Gaussian kernel on unit vectors."""
+"""Random Feature Attention (RFA): random Fourier features of a Gaussian kernel on unit vectors."""
 
 from __future__ import annotations
 

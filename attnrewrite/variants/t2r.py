@@ -25,7 +25,7 @@ class LearnedMapOptions(KernelOptions):
 
 
 def per_query_head(weight: Tensor, query_heads: int) -> Tensor:
-    """Repeat a per-key/value-head parameter (Hkv, ...) for the query heads: head h -> h // group."""
+    """Repeat a per-key/value-head parameter (Hkv, ...) for the query heads (h -> h // group)."""
     return weight.repeat_interleave(query_heads // weight.shape[0], dim=0)
 
 

@@ -1,0 +1,453 @@
+"""A catalogue of hand-written attention spellings (and look-alikes that are not attention).
+
+Each case builds a module and example inputs, and states what the finder must report. Inputs take
+``(batch, length)`` so every case can also be run at a length other than the capture example's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D_MODEL, HEADS = 32, 4
+HEAD_DIM = D_MODEL // HEADS
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], tuple[Any, ...]]
+    sites: int
+    masks: tuple[str, ...] = ()  # expected mask class per site, in graph order
+    kv_heads: int | None = None
+    cross: bool | None = None
+    escape: bool = False
+    scale: float | None = None
+    dynamic: bool = True  # whether a different length can be used after capture
+
+
+def _x(batch: int, length: int) -> tuple[Any, ...]:
+    return (torch.randn(batch, length, D_MODEL),)
+
+
+def _x_pad(batch: int, length: int) -> tuple[Any, ...]:
+    pad = torch.ones(batch, length, dtype=torch.bool)
+    pad[-1, length // 2:] = False  # True = real token
+    return (torch.randn(batch, length, D_MODEL), pad)
+
+
+def _x_cross(batch: int, length: int) -> tuple[Any, ...]:
+    return (torch.randn(batch, length, D_MODEL), torch.randn(batch, length + 3, D_MODEL))
+
+
+class Projections(nn.Module):
+    """q, k, v projections into (B, H, N, d), shared by the hand-written cases."""
+
+    def __init__(self, kv_heads: int = HEADS) -> None:
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.q = nn.Linear(D_MODEL, D_MODEL)
+        self.k = nn.Linear(D_MODEL, kv_heads * HEAD_DIM)
+        self.v = nn.Linear(D_MODEL, kv_heads * HEAD_DIM)
+        self.o = nn.Linear(D_MODEL, D_MODEL)
+
+    def split(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, heads, HEAD_DIM).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor, mem: torch.Tensor | None = None):
+        mem = x if mem is None else mem
+        return (self.split(self.q(x), HEADS), self.split(self.k(mem), self.kv_heads),
+                self.split(self.v(mem), self.kv_heads))
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+def manual(fn: Callable[..., torch.Tensor], kv_heads: int = HEADS, buffers: dict | None = None):
+    """A module whose attention core is ``fn(self, q, k, v, *extra)``."""
+
+    class M(Projections):
+        def __init__(self) -> None:
+            super().__init__(kv_heads)
+            for name, t in (buffers or {}).items():
+                self.register_buffer(name, t)
+
+        def forward(self, x, *extra):
+            mem = extra[0] if extra and extra[0].is_floating_point() else None
+            rest = extra[1:] if mem is not None else extra
+            q, k, v = self.qkv(x, mem)
+            return self.merge(fn(self, q, k, v, *rest))
+
+    M.__name__ = fn.__name__
+    return M
+
+
+S = 1.0 / math.sqrt(HEAD_DIM)
+
+
+def plain(self, q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) * S, dim=-1) @ v
+
+
+def div_sqrt(self, q, k, v):
+    return F.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(HEAD_DIM), dim=-1).matmul(v)
+
+
+def scale_on_q(self, q, k, v):
+    return (q * S @ k.transpose(-1, -2)).softmax(-1) @ v
+
+
+def scale_on_k(self, q, k, v):
+    return (q @ (k / math.sqrt(HEAD_DIM)).transpose(-1, -2)).softmax(-1) @ v
+
+
+def scale_both_sqrt(self, q, k, v):
+    r = S ** 0.5
+    return ((q * r) @ (k * r).transpose(-1, -2)).softmax(-1) @ v
+
+
+def bmm_folded(self, q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
+    w = torch.bmm(q3, k3.transpose(1, 2)) * S
+    return torch.bmm(w.softmax(-1), v3).view(b, h, n, d)
+
+
+def einsum_bhqd(self, q, k, v):
+    w = torch.einsum("bhqd,bhkd->bhqk", q, k) * S
+    return torch.einsum("bhqk,bhkd->bhqd", w.softmax(-1), v)
+
+
+def einsum_bnhd(self, q, k, v):
+    # (B, N, H, d) layout with other letters, output straight back in (B, N, H, d).
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    w = torch.einsum("xiyz,xjyz->xyij", q, k) * S
+    o = torch.einsum("xyij,xjyz->xiyz", w.softmax(dim=3), v)
+    return o.transpose(1, 2)
+
+
+def baddbmm_bias(self, q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
+    zeros = torch.zeros(b * h, n, k3.shape[1])
+    w = torch.baddbmm(zeros, q3, k3.transpose(1, 2), beta=0.0, alpha=S)
+    return torch.bmm(w.softmax(-1), v3).view(b, h, n, d)
+
+
+def additive_key_mask(self, q, k, v, pad):
+    bias = (1.0 - pad[:, None, None, :].float()) * -10000.0
+    return torch.softmax(q @ k.transpose(-2, -1) * S + bias, dim=-1) @ v
+
+
+def finfo_min_key_mask(self, q, k, v, pad):
+    bias = torch.zeros(pad.shape, dtype=q.dtype).masked_fill(~pad, torch.finfo(q.dtype).min)
+    return torch.softmax(q @ k.transpose(-2, -1) * S + bias[:, None, None, :], dim=-1) @ v
+
+
+def masked_fill_key(self, q, k, v, pad):
+    w = (q @ k.transpose(-2, -1) * S).masked_fill(~pad[:, None, None, :], float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def where_key(self, q, k, v, pad):
+    w = q @ k.transpose(-2, -1) * S
+    w = torch.where(pad[:, None, None, :], w, torch.tensor(float("-inf")))
+    return w.softmax(-1) @ v
+
+
+def causal_tril_buffer(self, q, k, v):
+    n = q.shape[-2]
+    w = (q @ k.transpose(-2, -1) * S).masked_fill(self.tril[:n, :n] == 0, float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def causal_triu(self, q, k, v):
+    n = q.shape[-2]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return (q @ k.transpose(-2, -1) * S).masked_fill(upper, float("-inf")).softmax(-1) @ v
+
+
+def causal_positions(self, q, k, v):
+    n = q.shape[-2]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    bias = torch.zeros(n, n).masked_fill(j > i, float("-inf"))
+    return (q @ k.transpose(-2, -1) * S + bias).softmax(-1) @ v
+
+
+def causal_and_key(self, q, k, v, pad):
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril() & pad[:, None, None, :]
+    return (q @ k.transpose(-2, -1) * S).masked_fill(~keep, -1e9).softmax(-1) @ v
+
+
+def sdpa_plain(self, q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_causal(self, q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_key_mask(self, q, k, v, pad):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :], scale=0.2)
+
+
+def upcast(self, q, k, v):
+    w = (q @ k.transpose(-2, -1) * S).to(torch.float64).softmax(-1).to(q.dtype)
+    return w @ v
+
+
+def softmax_dtype_arg(self, q, k, v):
+    return F.softmax(q @ k.transpose(-2, -1) * S, dim=-1, dtype=torch.float64).to(v.dtype) @ v
+
+
+def dropout_eval(self, q, k, v):
+    return F.dropout((q @ k.transpose(-2, -1) * S).softmax(-1), p=0.1, training=False) @ v
+
+
+def stable_max(self, q, k, v):
+    w = q @ k.transpose(-2, -1) * S
+    w = w - w.amax(dim=-1, keepdim=True).detach()
+    return w.softmax(-1) @ v
+
+
+def gqa_repeat_interleave(self, q, k, v):
+    k = k.repeat_interleave(HEADS // k.shape[1], dim=1)
+    v = v.repeat_interleave(HEADS // v.shape[1], dim=1)
+    return (q @ k.transpose(-2, -1) * S).softmax(-1) @ v
+
+
+def gqa_expand_reshape(self, q, k, v):
+    b, hk, n, d = k.shape
+    rep = HEADS // hk
+    k = k[:, :, None].expand(b, hk, rep, n, d).reshape(b, hk * rep, n, d)
+    v = v[:, :, None].expand(b, hk, rep, n, d).reshape(b, hk * rep, n, d)
+    return (q @ k.transpose(-2, -1) * S).softmax(-1) @ v
+
+
+def mqa_broadcast(self, q, k, v):
+    return (q @ k.transpose(-2, -1) * S).softmax(-1) @ v  # k, v have one head: matmul broadcasts
+
+
+def cross_plain(self, q, k, v):
+    return (q @ k.transpose(-2, -1) * S).softmax(-1) @ v
+
+
+def relative_bias(self, q, k, v):
+    n = q.shape[-2]
+    return (q @ k.transpose(-2, -1) * S + self.rel[:, :n, :n]).softmax(-1) @ v
+
+
+def alibi(self, q, k, v):
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    dist = (pos[None, :] - pos[:, None]).float()
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(HEADS)])[:, None, None]
+    return (q @ k.transpose(-2, -1) * S + slopes * dist).softmax(-1) @ v
+
+
+def sliding_window(self, q, k, v):
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    far = (pos[None, :] - pos[:, None]).abs() > 2
+    return (q @ k.transpose(-2, -1) * S).masked_fill(far, float("-inf")).softmax(-1) @ v
+
+
+def returns_weights(self, q, k, v):
+    w = (q @ k.transpose(-2, -1) * S).softmax(-1)
+    self.last = None
+    return (w @ v) + 0 * w.sum(-1, keepdim=True)  # the weights are used outside the value product
+
+
+# -- look-alikes that are not attention ---------------------------------------------------------------
+
+def softmax_query_axis(self, q, k, v):
+    return (q @ k.transpose(-2, -1) * S).softmax(dim=-2) @ v
+
+
+def probs_transposed(self, q, k, v):
+    w = (q @ k.transpose(-2, -1) * S).softmax(-1)
+    return w.transpose(-1, -2) @ v  # contracts the query axis
+
+
+def no_value_product(self, q, k, v):
+    w = (q @ k.transpose(-2, -1) * S).softmax(-1)
+    return w[..., :HEAD_DIM] * v
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(D_MODEL, D_MODEL)
+        self.head = nn.Linear(D_MODEL, 5)
+
+    def forward(self, x):
+        logits = self.head(torch.relu(self.body(x)))
+        return torch.softmax(logits, dim=-1) @ torch.randn(5, 3).abs().clamp_min(1) * 0 + logits.softmax(-1).sum()
+
+
+class MoERouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(D_MODEL, 4)
+        self.experts = nn.Parameter(torch.randn(4, D_MODEL, D_MODEL) * 0.1)
+
+    def forward(self, x):
+        gates = self.router(x).softmax(-1)  # (B, N, E)
+        expert_out = torch.einsum("bnd,edf->bnef", x, self.experts)
+        return torch.einsum("bne,bnef->bnf", gates, expert_out)
+
+
+class SoftmaxPooling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(D_MODEL, 1)
+
+    def forward(self, x):
+        w = self.score(x).softmax(dim=1)  # (B, N, 1) over the sequence
+        return w.transpose(1, 2) @ x  # (B, 1, D)
+
+
+class SimilaritySoftmax(nn.Module):
+    """softmax(x xᵀ) used as a similarity matrix, multiplied with a fixed codebook (not v-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D_MODEL, D_MODEL)
+
+    def forward(self, x):
+        sim = self.proj(x) @ self.proj(x).transpose(1, 2)
+        return sim.softmax(dim=1).sum(-1)
+
+
+# -- torch.nn modules -----------------------------------------------------------------------------
+
+class MHASelf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+
+    def forward(self, x, pad):
+        out, _ = self.mha(x, x, x, key_padding_mask=~pad)
+        return out
+
+
+class MHACross(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+        self.register_buffer("bias", torch.randn(64, 64))  # a float (Nq, Nk) bias: general
+
+    def forward(self, x, mem):
+        n, m = x.shape[1], mem.shape[1]
+        out, _ = self.mha(x, mem, mem, attn_mask=self.bias[:n, :m])
+        return out
+
+
+class MHAZeroMask(nn.Module):
+    """An all-zero float attn_mask built in forward is provably no mask at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+
+    def forward(self, x, mem):
+        out, _ = self.mha(x, mem, mem, attn_mask=torch.zeros(x.shape[1], mem.shape[1]))
+        return out
+
+
+class MHASeqFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D_MODEL, HEADS)
+
+    def forward(self, x):
+        xs = x.transpose(0, 1)
+        out, _ = self.mha(xs, xs, xs, need_weights=False)
+        return out.transpose(0, 1)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.layer(x, src_key_padding_mask=~pad)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(D_MODEL, HEADS, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, x, mem):
+        return self.layer(x, mem, tgt_is_causal=True,
+                          tgt_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))
+
+
+def _tril(n: int = 64) -> torch.Tensor:
+    return torch.tril(torch.ones(n, n))
+
+
+CASES: list[Case] = [
+    Case("plain", manual(plain), _x, 1, ("none",), scale=S),
+    Case("div_sqrt", manual(div_sqrt), _x, 1, ("none",), scale=S),
+    Case("scale_on_q", manual(scale_on_q), _x, 1, ("none",), scale=S),
+    Case("scale_on_k", manual(scale_on_k), _x, 1, ("none",), scale=S),
+    Case("scale_both_sqrt", manual(scale_both_sqrt), _x, 1, ("none",), scale=S),
+    Case("bmm_folded", manual(bmm_folded), _x, 1, ("none",), scale=S),
+    Case("einsum_bhqd", manual(einsum_bhqd), _x, 1, ("none",), scale=S),
+    Case("einsum_bnhd", manual(einsum_bnhd), _x, 1, ("none",), scale=S),
+    Case("baddbmm", manual(baddbmm_bias), _x, 1, ("none",), scale=S),
+    Case("additive_key_mask", manual(additive_key_mask), _x_pad, 1, ("key",)),
+    Case("finfo_min_key_mask", manual(finfo_min_key_mask), _x_pad, 1, ("key",)),
+    Case("masked_fill_key", manual(masked_fill_key), _x_pad, 1, ("key",)),
+    Case("where_key", manual(where_key), _x_pad, 1, ("key",)),
+    Case("causal_tril_buffer", manual(causal_tril_buffer, buffers={"tril": _tril()}), _x, 1,
+         ("causal",)),
+    Case("causal_triu", manual(causal_triu), _x, 1, ("causal",)),
+    Case("causal_positions", manual(causal_positions), _x, 1, ("causal",)),
+    Case("causal_and_key", manual(causal_and_key), _x_pad, 1, ("causal+key",)),
+    Case("sdpa_plain", manual(sdpa_plain), _x, 1, ("none",), scale=S),
+    Case("sdpa_causal", manual(sdpa_causal), _x, 1, ("causal",)),
+    Case("sdpa_key_mask", manual(sdpa_key_mask), _x_pad, 1, ("key",), scale=0.2),
+    Case("upcast_float64", manual(upcast), _x, 1, ("none",)),
+    Case("softmax_dtype_arg", manual(softmax_dtype_arg), _x, 1, ("none",)),
+    Case("dropout_eval", manual(dropout_eval), _x, 1, ("none",)),
+    Case("stable_max_subtraction", manual(stable_max), _x, 1, ("none",)),
+    Case("gqa_repeat_interleave", manual(gqa_repeat_interleave, kv_heads=2), _x, 1, ("none",),
+         kv_heads=2),
+    Case("gqa_expand_reshape", manual(gqa_expand_reshape, kv_heads=2), _x, 1, ("none",), kv_heads=2),
+    Case("mqa_broadcast", manual(mqa_broadcast, kv_heads=1), _x, 1, ("none",), kv_heads=1),
+    Case("cross_attention", manual(cross_plain), _x_cross, 1, ("none",), cross=True),
+    Case("relative_bias", manual(relative_bias, buffers={"rel": torch.randn(HEADS, 64, 64)}), _x, 1,
+         ("general",)),
+    Case("alibi", manual(alibi), _x, 1, ("general",)),
+    Case("sliding_window", manual(sliding_window), _x, 1, ("general",)),
+    Case("weights_escape", manual(returns_weights), _x, 1, ("none",), escape=True),
+    Case("mha_self_key_padding", MHASelf, _x_pad, 1, ("key",)),
+    Case("mha_cross_attn_mask", MHACross, _x_cross, 1, ("general",), cross=True),
+    Case("mha_cross_zero_mask", MHAZeroMask, _x_cross, 1, ("none",), cross=True),
+    Case("mha_seq_first", MHASeqFirst, _x, 1, ("none",)),
+    Case("transformer_encoder_layer", EncoderLayer, _x_pad, 1, ("key",)),
+    Case("transformer_decoder_layer", DecoderLayer, _x_cross, 2, ("causal", "none")),
+    # Not attention.
+    Case("neg_softmax_query_axis", manual(softmax_query_axis), _x, 0),
+    Case("neg_probs_transposed", manual(probs_transposed), _x, 0),
+    Case("neg_no_value_product", manual(no_value_product), _x, 0),
+    Case("neg_classifier", Classifier, _x, 0),
+    Case("neg_moe_router", MoERouter, _x, 0),
+    Case("neg_softmax_pooling", SoftmaxPooling, _x, 0),
+    Case("neg_similarity_softmax", SimilaritySoftmax, _x, 0),
+]

@@ -1,0 +1,109 @@
+"""The spelling catalogue: what the finder reports, and that rewrites keep each model's meaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnrewrite as ar
+from attnrewrite.passes import graph as G
+from tests.passes.spellings import CASES, Case
+
+IDS = [c.name for c in CASES]
+
+
+def _build(case: Case) -> tuple[torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    return model, case.inputs(2, 8)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sites_found_with_their_semantics(case: Case) -> None:
+    model, args = _build(case)
+    sites = ar.find_attention(model, args=args)
+    assert len(sites) == case.sites, [s.name for s in sites]
+    if case.masks:
+        assert [str(s.mask) for s in sites] == list(case.masks)
+    for s in sites:
+        assert s.num_heads == 4 or "heads folded into the batch" in s.notes
+        assert s.head_dim == 8 and s.value_dim == 8
+        assert s.causal == s.mask.is_causal
+    if case.kv_heads is not None:
+        assert sites[0].num_kv_heads == case.kv_heads
+    if case.cross is not None:
+        assert sites[-1].is_cross == case.cross
+    if case.sites:
+        assert sites[0].weights_escape == case.escape
+    if case.scale is not None:
+        assert sites[0].scale == pytest.approx(case.scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites])
+def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
+    model, args = _build(case)
+    rw = ar.rewrite(model, "softmax", args=args)
+    expected_rewritten = 0 if case.escape else case.sites
+    assert len(rw.report.rewritten) == expected_rewritten, str(rw.report)
+    torch.manual_seed(1)
+    other = case.inputs(3, 11)
+    with torch.no_grad():
+        ref, out = model(*other), rw(*other)
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites])
+def test_linear_rewrite_takes_kernel_masks_only(case: Case) -> None:
+    model, args = _build(case)
+    rw = ar.rewrite(model, "linear", args=args)
+    for row in rw.report.sites:
+        keepable = row.site.mask != ar.MaskClass.GENERAL and not row.site.weights_escape
+        assert (row.status == "rewritten") == keepable, str(rw.report)
+        if not keepable:
+            assert row.reason
+    with torch.no_grad():
+        out = rw(*case.inputs(3, 11))
+    assert torch.isfinite(out).all()
+
+
+def test_dense_mask_disappears_after_linear_rewrite() -> None:
+    """A key-padding mask expanded to (B, 1, N, N) is not computed by the rewritten graph."""
+    case = next(c for c in CASES if c.name == "causal_and_key")
+    model, _ = _build(case)
+    args = case.inputs(2, 12)  # a length unlike any model dimension
+    rw = ar.rewrite(model, "linear", args=args)
+    n = args[0].shape[1]
+    for node in rw.graph_module.graph.nodes:
+        shape = G.shape(node)
+        if shape is not None and len(shape) >= 2:
+            square = G.same_size(shape[-1], shape[-2]) and not G.is_one(shape[-1])
+            seq_sized = G.size_hint(shape[-1]) == n
+            assert not (square and seq_sized), f"{node.format_node()} is still N x N"
+
+
+def test_original_model_untouched() -> None:
+    case = CASES[0]
+    model, args = _build(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rw = ar.rewrite(model, "linear", args=args)
+    with torch.no_grad():
+        for p in rw.parameters():
+            p.add_(1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_debug_explains_rejections(capsys) -> None:
+    case = next(c for c in CASES if c.name == "neg_softmax_query_axis")
+    model, args = _build(case)
+    assert ar.find_attention(model, args=args, debug=True) == []
+    assert "not attention" in capsys.readouterr().out
+
+
+def test_catalogue_size() -> None:
+    assert len([c for c in CASES if c.sites]) >= 25
+    assert len([c for c in CASES if not c.sites]) >= 3
