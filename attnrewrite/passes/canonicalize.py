@@ -28,7 +28,7 @@ from attnrewrite.passes.base import Emitter, PassResult, aten
 from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
 from attnrewrite.passes.mask_analysis import MaskAnalysis
 from attnrewrite.site import MaskClass
-from attnrewrite.variants.base import combine_mask, repeat_kv
+from attnrewrite.variants.softmax import exact_attention
 
 SITE_META = "attnrewrite_site"
 
@@ -36,13 +36,7 @@ SITE_META = "attnrewrite_site"
 def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
               causal: bool = False, scale: float = 1.0, dropout_p: float = 0.0) -> Tensor:
     """The canonical attention op: exact softmax attention on (B, H, N, d) tensors."""
-    heads = query.shape[1]
-    key, value = repeat_kv(key, heads), repeat_kv(value, heads)
-    attn_mask = combine_mask(mask, causal, query.shape[-2], key.shape[-2], query.device)
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(query.dtype)
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return exact_attention(query, key, value, mask, causal, scale, dropout_p)
 
 
 _ELEMENTWISE_ROW = frozenset({

@@ -221,14 +221,14 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     query = _operand(gm, q_node, q_letters, q_letter, feature)
     key = _operand(gm, k_node, k_letters, k_letter, feature)
     value = _operand(gm, v_node, v_letters, pk, v_free[0])
-    # The value product's own letters for batch/seq differ from the score product's; rename the
-    # value operand to the probabilities' batch letters so one canonical batch order serves both.
+    # The value operand keeps the value product's own letters: it is canonicalised with the
+    # value product's batch order (its letters need not match the score product's).
     mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r)
     causal = mask_class.is_causal
     problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
     scale = walk.scale * prod.alpha * query.factor * key.factor
     heads, kv_heads = _heads(frame_batch, key, batch_letters)
-    q_shape, k_shape, v_shape = G.shape(q_node), G.shape(k_node), G.shape(v_node)
+    q_shape, k_shape = G.shape(q_node), G.shape(k_node)
     q_len = q_shape[q_letters.index(q_letter)]
     k_len = k_shape[k_letters.index(k_letter)]
     notes = []
@@ -257,19 +257,14 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         upcast=upcast,
         notes=tuple(notes),
     )
-    del v_shape
     return SiteMatch(
         site=site, anchor=softmax, output=vprod.node, query=query, key=key,
-        value=dataclasses.replace(value, letters=_rename(v_letters, p_letters, vprod)),
+        value=value,
         batch_letters=batch_letters, frame_batch=frame_batch, score_batch=score_batch,
-        out_letters=_rename(vprod.out_letters, p_letters, vprod), out_batch=out_batch,
+        out_letters=vprod.out_letters, out_batch=out_batch,
         out_q=pq, out_e=v_free[0], mask_terms=tuple(walk.terms), mask_value=mask_value,
         canonical_problem=problem,
     )
-
-
-def _rename(letters: str, p_letters: str, vprod: Product) -> str:
-    return letters  # value-product letters are used with the value product's own batch order
 
 
 def _int_or(size: Any) -> int:
@@ -548,7 +543,7 @@ def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature:
     kv_heads = None
     for _ in range(16):
         name = G.op_name(cur)
-        if name in _PERMUTES and cur.args and isinstance(cur.args[0], fx.Node) and not replay_blocked(cur):
+        if name in _PERMUTES and cur.args and isinstance(cur.args[0], fx.Node):
             replay.append(cur)
             cur = cur.args[0]
             continue
@@ -571,10 +566,6 @@ def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature:
         break
     return Operand(node=node, letters=letters, seq=seq, feature=feature, source=cur,
                    replay=tuple(reversed(replay)), factor=factor, kv_source_heads=kv_heads)
-
-
-def replay_blocked(node: fx.Node) -> bool:
-    return False
 
 
 def _strip_repeat(node: fx.Node) -> tuple[fx.Node, Any] | None:

@@ -8,8 +8,8 @@ which). A size-1 example axis is always specialised by ``torch.export``; the rep
 from __future__ import annotations
 
 import copy
-import inspect
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 

@@ -156,7 +156,8 @@ def _check_options(classes: list[type[AttentionVariant]], options: dict[str, Any
 
 
 def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwargs: Any = None, *,
-            sites: SiteSelector = None, seed: int | None = 0, **options: Any) -> RewrittenModel:
+            sites: SiteSelector = None, seed: int | None = 0, debug: bool = False,
+            **options: Any) -> RewrittenModel:
     """Rewrite every softmax-attention site of ``model`` into ``variant``.
 
     Args:
@@ -166,6 +167,9 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
         args, kwargs: example inputs.
         sites: which sites to rewrite: names, glob patterns, or a predicate on ``AttentionSite``.
         seed: seed for random features/initialisation (each site derives its own).
+        debug: lint the graph after every pass, check that the canonical graph (every accepted
+            site as exact attention) reproduces the original outputs on the example, and print why
+            each softmax that is not a site was rejected.
         **options: variant options (``num_features=``, ``window=``, ``chunk_size=``...), given to
             every chosen variant that declares them.
 
@@ -202,8 +206,15 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
         accepted.append(match)
         rows.append(SiteRow(site.name, site, name, "rewritten"))
 
+    if debug:
+        for node, reason in found.rejected:
+            print(f"[attnrewrite] {node}: not attention: {reason}")
     canon = Canonicalize(tuple(accepted))(gm)
     failed = canon.stats["failed"]
+    if debug:
+        gm.graph.lint()
+        gm.recompile()
+        _check_parity(model, gm, captured)
     for i, row in enumerate(rows):
         if row.name in failed:
             rows[i] = SiteRow(row.name, row.site, row.variant, "skipped",
@@ -215,6 +226,22 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
     gm.recompile()
     report = Report(tuple(rows), tuple(captured.notes), (("dead_nodes_removed", removed),))
     return RewrittenModel(gm, report, captured)
+
+
+def _check_parity(model: Any, gm: fx.GraphModule, captured: Captured) -> None:
+    """Debug mode: the canonical graph (exact attention everywhere) must match the original."""
+    from torch.utils import _pytree as pytree
+
+    reference = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    with torch.no_grad():
+        want = pytree.tree_leaves(reference(*captured.args, **captured.kwargs))
+        got = pytree.tree_leaves(gm(*captured.args, **captured.kwargs))
+    for a, b in zip(want, got):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+            if err > 1e-4:
+                raise AssertionError(f"canonical graph differs from the original: relative error {err:.2e}")
+    print(f"[attnrewrite] debug: canonical graph matches the original ({len(want)} outputs)")
 
 
 def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:

@@ -192,7 +192,8 @@ def causal_keep(q_len: int, k_len: int, device: torch.device) -> Tensor:
     return j <= i
 
 
-def combine_mask(mask: Tensor | None, causal: bool, q_len: int, k_len: int, device) -> Tensor | None:
+def combine_mask(mask: Tensor | None, causal: bool, q_len: int, k_len: int,
+                 device: torch.device) -> Tensor | None:
     """One sdpa-style mask equal to ``mask`` with the causal condition folded in (dense)."""
     if not causal:
         return mask

@@ -23,7 +23,9 @@ class LinearOptions:
     chunk_size: int = DEFAULT_CHUNK
 
     def check(self) -> str | None:
-        return None if self.chunk_size > 0 else f"chunk_size must be positive, got {self.chunk_size}"
+        if self.chunk_size <= 0:
+            return f"chunk_size must be positive, got {self.chunk_size}"
+        return None
 
 
 class LinearAttention(AttentionVariant):
