@@ -119,17 +119,24 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node:
     site = match.site
     frame = match.frame_batch
     q_batch = match.batch_letters
-    q = _canonical_operand(emit, match.query, q_batch, match.score_batch, frame)
-    k = _canonical_operand(emit, match.key, q_batch, match.score_batch, frame, keep_heads=True)
+    heads = site.num_heads if len(frame) == 1 and site.num_heads > 1 else None
+    q = _canonical_operand(emit, match.query, q_batch, match.score_batch, frame, heads=heads)
+    for op, factor in match.query_scales:
+        aligned = factor
+        for _ in range(len(frame) + 2 - max(G.rank(factor), 0)):
+            aligned = emit.unsqueeze(aligned, 0)
+        aligned = _to_4d_mask(emit, aligned, len(frame), heads)
+        q = emit.call(aten.mul.Tensor if op == "mul" else aten.div.Tensor, q, aligned)
+    k = _canonical_operand(emit, match.key, q_batch, match.score_batch, frame, heads=heads)
     p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
-    v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, keep_heads=True)
+    v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, heads=heads)
     rows.lengths = (_length(emit, q), _length(emit, k))
-    mask = _canonical_mask(emit, match, rows)
+    mask = _canonical_mask(emit, match, rows, heads)
     causal = site.mask.is_causal
     node = emit.call(attention, q, k, v, mask=mask, causal=causal, scale=site.scale,
                      dropout_p=site.dropout_p)
     node.meta[SITE_META] = site
-    return _restore_output(emit, node, match)
+    return _restore_output(emit, node, match, heads)
 
 
 def _length(emit: Emitter, x: fx.Node) -> Any:
@@ -138,7 +145,7 @@ def _length(emit: Emitter, x: fx.Node) -> Any:
 
 
 def _canonical_operand(emit: Emitter, op: Operand, batch_order: str, batch_sizes: tuple[Any, ...],
-                       frame: tuple[Any, ...], keep_heads: bool = False) -> fx.Node:
+                       frame: tuple[Any, ...], heads: int | None = None) -> fx.Node:
     x = op.source
     for n in op.replay:
         x = emit.copy(n, x)
@@ -160,7 +167,7 @@ def _canonical_operand(emit: Emitter, op: Operand, batch_order: str, batch_sizes
         x = emit.reshape(x, [*frame, shp[-2], shp[-1]])
         if x is None:
             raise _Refuse("cannot express the batch reshape with symbolic sizes")
-    return _to_4d(emit, x, len(frame), keep_heads)
+    return _to_4d(emit, x, len(frame), heads)
 
 
 def _size_arg(s: Any) -> Any:
@@ -171,10 +178,17 @@ def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(G.same_size(x, y) for x, y in zip(a, b))
 
 
-def _to_4d(emit: Emitter, x: fx.Node, nb: int, keep_heads: bool) -> fx.Node:
+def _to_4d(emit: Emitter, x: fx.Node, nb: int, heads: int | None = None) -> fx.Node:
+    """(batch..., N, f) -> (B, H, N, f). A (B·H) batch whose heads are known is split."""
     if nb == 2:
         return x
     if nb == 1:
+        shp = G.shape(x)
+        if heads is not None and not G.is_one(shp[0]):
+            out = emit.reshape(x, [shp[0] // heads, heads, shp[1], shp[2]])
+            if out is None:
+                raise _Refuse("cannot split the folded heads")
+            return out
         return emit.unsqueeze(x, 1)
     if nb == 0:
         return emit.unsqueeze(emit.unsqueeze(x, 0), 0)
@@ -193,12 +207,15 @@ def _prod(sizes: Any) -> Any:
     return n
 
 
-def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch) -> fx.Node:
+def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch,
+                    heads: int | None = None) -> fx.Node:
     """(B, H, Nq, dv) -> the value product's own layout."""
     nb = len(match.frame_batch)
     shp = G.shape(node)
     x = node
-    if nb == 1:
+    if nb == 1 and heads is not None:
+        x = emit.reshape(x, [*match.frame_batch, shp[-2], shp[-1]])
+    elif nb == 1:
         x = emit.call(aten.squeeze.dim, x, 1)
     elif nb == 0:
         x = emit.call(aten.squeeze.dim, emit.call(aten.squeeze.dim, x, 0), 0)
@@ -225,7 +242,8 @@ def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch) -> fx.Node:
 
 # -- masks -------------------------------------------------------------------------------------------
 
-def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node | None:
+def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows,
+                    heads: int | None = None) -> fx.Node | None:
     cls = match.site.mask
     if cls in (MaskClass.NONE, MaskClass.CAUSAL):
         return None
@@ -247,7 +265,7 @@ def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node | N
             mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
     for _ in range(frame_rank - G.rank(mask)):
         mask = emit.unsqueeze(mask, 0)
-    return _to_4d_mask(emit, mask, len(match.frame_batch))
+    return _to_4d_mask(emit, mask, len(match.frame_batch), heads)
 
 
 def _to_frame(emit: Emitter, node: fx.Node, term: MaskTerm, frame: tuple[Any, ...]) -> fx.Node:
@@ -269,15 +287,15 @@ def _to_frame(emit: Emitter, node: fx.Node, term: MaskTerm, frame: tuple[Any, ..
     return out
 
 
-def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int) -> fx.Node:
+def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int, heads: int | None = None) -> fx.Node:
     if nb == 2:
         return mask
     if nb == 1:
-        return emit.unsqueeze(mask, 1)
+        return _to_4d(emit, mask, 1, heads)
     if nb == 0:
         return emit.unsqueeze(emit.unsqueeze(mask, 0), 0)
     shp = G.shape(mask)
-    return _to_4d(emit, mask, nb, True) if shp is not None else mask
+    return _to_4d(emit, mask, nb) if shp is not None else mask
 
 
 def _additive(emit: Emitter, term: MaskTerm, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:

@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from attnrewrite.passes import graph as G
-from attnrewrite.passes.mask_analysis import AbstractValue, MaskAnalysis, _masked
+from attnrewrite.passes.mask_analysis import AbstractValue, MaskAnalysis, _masked, reshape_groups
 from attnrewrite.passes.products import Product, as_product
 from attnrewrite.site import AttentionSite, MaskClass
 
@@ -98,6 +98,7 @@ class SiteMatch:
     mask_value: AbstractValue | None
     sdpa_causal: bool = False
     canonical_problem: str | None = None
+    query_scales: tuple[tuple[str, fx.Node], ...] = ()
 
 
 @dataclasses.dataclass
@@ -148,6 +149,7 @@ class _ScoreWalk:
     chain: list[fx.Node]
     scale: float
     terms: list[MaskTerm]
+    tensor_scales: list[tuple[str, fx.Node]]
 
 
 def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
@@ -227,7 +229,7 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     causal = mask_class.is_causal
     problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
     scale = walk.scale * prod.alpha * query.factor * key.factor
-    heads, kv_heads = _heads(frame_batch, key, batch_letters)
+    heads, kv_heads = _heads(frame_batch, key, batch_letters, query)
     q_shape, k_shape = G.shape(q_node), G.shape(k_node)
     q_len = q_shape[q_letters.index(q_letter)]
     k_len = k_shape[k_letters.index(k_letter)]
@@ -238,6 +240,8 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         notes.append(mask_reason)
     if len(frame_batch) == 1:
         notes.append("heads folded into the batch")
+    if walk.tensor_scales:
+        notes.append("a tensor-valued scale (learned temperature) is folded into q")
     site = AttentionSite(
         name=G.module_path(softmax),
         kind="manual",
@@ -263,7 +267,7 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         batch_letters=batch_letters, frame_batch=frame_batch, score_batch=score_batch,
         out_letters=vprod.out_letters, out_batch=out_batch,
         out_q=pq, out_e=v_free[0], mask_terms=tuple(walk.terms), mask_value=mask_value,
-        canonical_problem=problem,
+        canonical_problem=problem, query_scales=tuple(walk.tensor_scales),
     )
 
 
@@ -295,11 +299,57 @@ def _share_source(a: fx.Node, b: fx.Node, limit: int = 400) -> bool:
                and n.op != "get_attr" for n in common)
 
 
-def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str) -> tuple[int, int]:
+def _folded_heads(operand: Operand, letter: str) -> int | None:
+    """Heads folded into a (B·H) batch axis, read off the reshape that folded them.
+
+    Walks up from the operand through permutations to the reshape that created the folded axis;
+    in the matching group of that reshape the first input axis is the batch, so
+    H = (elements of the input group) / (batch · the other output axes of the group).
+    """
+    node, axis = operand.node, operand.letters.index(letter)
+    for _ in range(12):
+        name = G.op_name(node)
+        if name in _COPIES or name in _CASTS or name in ("mul", "div"):
+            node = node.args[0]
+            continue
+        if name == "transpose":
+            r = G.rank(node)
+            d0, d1 = (G.normalize_dim(G.arg(node, d), r) for d in ("dim0", "dim1"))
+            axis = d1 if axis == d0 else d0 if axis == d1 else axis
+            node = node.args[0]
+            continue
+        if name == "permute":
+            axis = [G.normalize_dim(d, G.rank(node)) for d in G.arg(node, "dims")][axis]
+            node = node.args[0]
+            continue
+        if name in ("view", "reshape", "_unsafe_view"):
+            src, dst = G.shape(node.args[0]), G.shape(node)
+            for gs, gd in reshape_groups(src, dst):
+                if axis in gd and len(gs) >= 2:
+                    others: Any = 1
+                    for d in gd:
+                        if d != axis:
+                            others = others * dst[d]
+                    total: Any = 1
+                    for d in gs:
+                        total = total * src[d]
+                    heads = G.as_int(total // (src[gs[0]] * others)) if others else None
+                    return heads if heads and heads > 1 else None
+            return None
+        return None
+    return None
+
+
+def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str,
+           query: Operand | None = None) -> tuple[int, int]:
     if len(frame_batch) >= 2:
         heads = _int_or(frame_batch[-1])
     else:
         heads = 1
+        if query is not None and batch_letters:
+            folded = _folded_heads(query, batch_letters[-1])
+            if folded:
+                return folded, folded
     kv = heads
     if key.kv_source_heads is not None:
         kv = _int_or(key.kv_source_heads)
@@ -341,13 +391,14 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
     chain: list[fx.Node] = []
     scale = 1.0
     terms: list[MaskTerm] = []
+    tensor_scales: list[tuple[str, fx.Node]] = []
     cur = x
     for _ in range(64):
         prod = as_product(cur)
         if prod is not None:
             if prod.bias is not None:
                 terms.append(MaskTerm("add", prod.bias, prod.beta, cur))
-            return _ScoreWalk(prod, chain, scale, terms)
+            return _ScoreWalk(prod, chain, scale, terms, tensor_scales)
         chain.append(cur)
         name = G.op_name(cur)
         if name in _COPIES or name in _CASTS:
@@ -374,7 +425,14 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
                     cur = path
                     break
             else:
-                raise NotAttention(f"scores are {name}-combined with a non-constant tensor")
+                # A learned temperature (scalar or per head, e.g. cosine attention's logit scale)
+                # is constant along the query and key axes: it folds into q exactly.
+                path, other = (a, b) if _reaches_product(a) or name == "div" else (b, a)
+                if not (isinstance(path, fx.Node) and _is_batch_only(other, cur)):
+                    raise NotAttention(f"scores are {name}-combined with a tensor that varies "
+                                       "along the query or key axis")
+                tensor_scales.append((name, other))
+                cur = path
             continue
         if name in ("add", "sub"):
             alpha = float(G.arg(cur, "alpha", 1))
@@ -420,6 +478,16 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
             raise NotAttention("softmax input does not come from a product")
         raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
     raise NotAttention("score chain too long")
+
+
+def _is_batch_only(other: Any, frame: fx.Node) -> bool:
+    """A tensor of size 1 on the frame's last two axes (a scalar or per-batch/head factor)."""
+    shp = G.shape(other)
+    if shp is None:
+        return False
+    if len(shp) < 2:
+        return all(G.is_one(s) for s in shp)
+    return G.is_one(shp[-1]) and G.is_one(shp[-2]) and len(shp) <= G.rank(frame)
 
 
 def _score_operand(node: fx.Node, a: Any, b: Any) -> tuple[fx.Node, Any, float]:

@@ -630,6 +630,33 @@ class MaskAnalysis:
         return {G.normalize_dim(d, n) for d in dims if G.is_one(src_shape[G.normalize_dim(d, n)])}
 
 
+def reshape_groups(src: Sequence[Any], dst: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
+    """Matching groups of axes of a reshape: each (src axes, dst axes) covers the same elements."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gs, gd = [], []
+        ps: Any = 1
+        pd: Any = 1
+        while True:
+            if gs and gd and G.same_size(ps, pd):
+                break
+            if i < len(src) and (not gs or G.size_hint(ps) <= G.size_hint(pd) or j >= len(dst)):
+                ps = ps * src[i]
+                gs.append(i)
+                i += 1
+            elif j < len(dst):
+                pd = pd * dst[j]
+                gd.append(j)
+                j += 1
+            else:
+                break
+        groups.append((gs, gd))
+        if i >= len(src) and j >= len(dst):
+            break
+    return groups
+
+
 def reshape_axis_map(src: Sequence[Any] | None, dst: Sequence[Any] | None) -> dict[int, int]:
     """Axes of ``src`` that survive a reshape to ``dst`` unchanged (same size, alone in its group).
 

@@ -451,3 +451,49 @@ CASES: list[Case] = [
     Case("neg_softmax_pooling", SoftmaxPooling, _x, 0),
     Case("neg_similarity_softmax", SimilaritySoftmax, _x, 0),
 ]
+
+
+class LearnedTemperature(Projections):
+    """Cosine attention with a learned per-head logit scale (Swin v2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(HEADS, 1, 1)))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        return self.merge(((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v)
+
+
+class NanoGPT(Projections):
+    """nanoGPT's spelling: a (1, 1, T, T) tril buffer compared with 0, then masked_fill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        return self.merge(F.softmax(att, dim=-1) @ v)
+
+
+class FullInfTriu(Projections):
+    """An additive causal mask built as triu(full(-inf), 1)."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        return self.merge(torch.softmax(q @ k.transpose(-2, -1) * S + mask, dim=-1) @ v)
+
+
+CASES += [
+    Case("learned_temperature", LearnedTemperature, _x, 1, ("none",)),
+    Case("nanogpt_buffer", NanoGPT, _x, 1, ("causal",), scale=S),
+    Case("triu_full_inf", FullInfTriu, _x, 1, ("causal",), scale=S),
+]
