@@ -115,10 +115,20 @@ class Emitter:
 
 
 def dead_code_elimination(gm: fx.GraphModule) -> int:
-    """Remove unused nodes, including dtype assertions that only kept dead tensors alive."""
+    """Remove unused nodes, including dtype assertions that only kept dead tensors alive and
+    in-place ops on intermediates that nothing else reads (they count as side effects to FX)."""
     before = len(gm.graph.nodes)
     for node in list(gm.graph.nodes):
         if G.op_name(node) == "_assert_tensor_metadata":
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+
+    def impure(node: fx.Node) -> bool:
+        if G.is_inplace(node):
+            written = node.args[0]
+            private = (isinstance(written, fx.Node) and written.op == "call_function"
+                       and set(written.users) == {node})
+            return not private
+        return node.is_impure()
+
+    gm.graph.eliminate_dead_code(is_impure_node=impure)
     return before - len(gm.graph.nodes)

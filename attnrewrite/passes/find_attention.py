@@ -150,6 +150,7 @@ class _ScoreWalk:
     scale: float
     terms: list[MaskTerm]
     tensor_scales: list[tuple[str, fx.Node]]
+    transforms: list[str] = dataclasses.field(default_factory=list)
 
 
 def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
@@ -228,6 +229,9 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r)
     causal = mask_class.is_causal
     problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
+    if walk.transforms:
+        problem = (f"the scores pass through {'/'.join(walk.transforms)} (logit soft-capping or "
+                   "clipping) before softmax, which no variant reproduces")
     scale = walk.scale * prod.alpha * query.factor * key.factor
     heads, kv_heads = _heads(frame_batch, key, batch_letters, query)
     q_shape, k_shape = G.shape(q_node), G.shape(k_node)
@@ -392,13 +396,14 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
     scale = 1.0
     terms: list[MaskTerm] = []
     tensor_scales: list[tuple[str, fx.Node]] = []
+    transforms: list[str] = []
     cur = x
     for _ in range(64):
         prod = as_product(cur)
         if prod is not None:
             if prod.bias is not None:
                 terms.append(MaskTerm("add", prod.bias, prod.beta, cur))
-            return _ScoreWalk(prod, chain, scale, terms, tensor_scales)
+            return _ScoreWalk(prod, chain, scale, terms, tensor_scales, transforms)
         chain.append(cur)
         name = G.op_name(cur)
         if name in _COPIES or name in _CASTS:
@@ -474,6 +479,12 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
                 cur = b
                 continue
             raise NotAttention("where() on the scores does not select a masking value")
+        if name in ("tanh", "clamp", "clamp_min", "clamp_max") and _reaches_product(cur.args[0]):
+            # Logit soft-capping (Gemma 2: cap·tanh(s/cap)) or clipping: still attention, but a
+            # nonlinear map of the scores that no variant reproduces; the site is reported as is.
+            transforms.append(name)
+            cur = cur.args[0]
+            continue
         if name == "getitem" or cur.op != "call_function":
             raise NotAttention("softmax input does not come from a product")
         raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
@@ -510,6 +521,9 @@ def _reaches_product(x: fx.Node, depth: int = 24) -> bool:
         name = G.op_name(cur)
         if cur.op != "call_function" or not cur.args or not isinstance(cur.args[0], fx.Node):
             return False
+        if name in ("tanh", "clamp"):
+            cur = cur.args[0]
+            continue
         if name in ("add", "sub", "mul", "div", "where", "masked_fill"):
             nexts = [n for n in cur.args if isinstance(n, fx.Node)]
             if name == "where":

@@ -20,17 +20,34 @@ _NO_DEFAULT = object()
 
 
 def op_name(node: fx.Node) -> str:
-    """The ATen packet name of a call (``"softmax"`` for ``aten.softmax.int``), else ``""``."""
+    """The ATen packet name of a call (``"softmax"`` for ``aten.softmax.int``), else ``""``.
+
+    In-place variants read as their functional op (``div_`` -> ``div``): the training IR that
+    ``torch.export`` produces keeps the in-place ops models write (Falcon scales scores with
+    ``div_``), and for dataflow the value they produce is the functional result.
+    """
     if node.op != "call_function":
         return ""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
+        name = target.overloadpacket.__name__
+        return name[:-1] if is_inplace(node) else name
     if isinstance(target, torch._ops.OpOverloadPacket):
         return target.__name__
     if target is operator.getitem:
         return "getitem"
     return getattr(target, "__name__", "")
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """An ATen in-place op (``add_``), which writes its first argument."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target.overloadpacket.__name__
+    return name.endswith("_") and not name.startswith("__") and bool(target._schema.arguments) \
+        and target._schema.arguments[0].alias_info is not None \
+        and target._schema.arguments[0].alias_info.is_write
 
 
 def overload_name(node: fx.Node) -> str:
