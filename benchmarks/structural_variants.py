@@ -1,15 +1,19 @@
 """Time and peak memory of the structural variants against ``F.scaled_dot_product_attention``.
 
 For each sequence length N (batch 1, H heads of dimension d, float32, inference mode, non-causal
-self-attention: Linformer and Nyström are not causal) this measures
+self-attention: Linformer and Nyström are not causal) one fresh subprocess per (variant, N)
+builds the inputs and the variant, runs a warm-up call at a short length, then measures
 
-- time: the median of ``--repeats`` forward calls after one warm-up call, in this process;
-- peak memory: in a fresh subprocess per (variant, N), ``ru_maxrss`` after the forward call minus
-  ``ru_maxrss`` just before it. The child builds the inputs and the variant and runs one warm-up
-  forward at a short length first, so the baseline already holds the interpreter, torch, the inputs,
-  the parameters and the thread pools; the difference is what the forward at N adds on top of that
-  (its intermediates and its output). ``ru_maxrss`` is a high-water mark of resident memory (KiB on
-  Linux), so it counts what the allocator really touched, whatever tensors are views.
+- peak memory: ``ru_maxrss`` after one forward call at N minus ``ru_maxrss`` just before it. The
+  baseline already holds the interpreter, torch, the inputs, the parameters and the thread pools,
+  so the difference is what the forward adds (its intermediates and its output). ``ru_maxrss`` is
+  a high-water mark of resident memory (KiB on Linux): it counts what the allocator really touched,
+  whatever tensors are views. Two Linux details make it usable: the child lowers the mark to the
+  current resident size just before the call (``/proc/self/clear_refs``, Linux >= 4.0), otherwise
+  importing torch leaves it above any small forward; and the parent never computes (it only starts
+  children), because a child's ``ru_maxrss`` also starts at the parent's high-water mark (exec
+  records the mark of the forked image), which would hide every forward below it;
+- time: the median of ``--repeats`` forward calls after one warm-up call at N.
 
 It then fits log(peak memory) against log(N) by least squares: the slope is ~1 for memory linear in
 N (local, Longformer, BigBird, Linformer, Nyström; fused SDPA on CPU too) and ~1.5 for the Sparse
@@ -102,53 +106,51 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: print the peak memory (MiB) one forward call at N adds."""
+def reset_max_rss() -> None:
+    """Lower the high-water mark to the current resident size (Linux: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure_child(args: argparse.Namespace) -> None:
+    """In a fresh process: print the memory one forward call at N adds, then its median time."""
     torch.set_num_threads(args.threads)
     attention = make_attention(args.child, args.length, args.heads, args.head_dim)
     inputs = make_inputs(args.batch, args.heads, args.length, args.head_dim)
     warm = min(args.length, 256)
     with torch.inference_mode():
         attention(*(t[:, :, :warm] for t in inputs))
+        reset_max_rss()
         baseline = max_rss_mib()
-        out = attention(*inputs)
-        peak = max_rss_mib()
-    del out
-    print(json.dumps({"peak_mib": peak - baseline}))
-
-
-def measure_memory(args: argparse.Namespace, name: str, length: int) -> float:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        name,
-        "--length",
-        str(length),
-        "--heads",
-        str(args.heads),
-        "--head-dim",
-        str(args.head_dim),
-        "--batch",
-        str(args.batch),
-        "--threads",
-        str(args.threads),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
-
-
-def measure_time(args: argparse.Namespace, name: str, length: int) -> float:
-    attention = make_attention(name, length, args.heads, args.head_dim)
-    inputs = make_inputs(args.batch, args.heads, length, args.head_dim)
-    times = []
-    with torch.inference_mode():
+        if baseline > resident_mib() + 1:
+            raise RuntimeError(
+                f"ru_maxrss starts at {baseline:.0f} MiB, above the resident {resident_mib():.0f} "
+                "MiB: it carries a parent's high-water mark; start this from a small process"
+            )
         attention(*inputs)
+        peak = max_rss_mib()
+        times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             attention(*inputs)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    print(json.dumps({"peak_mib": peak - baseline, "seconds": statistics.median(times)}))
+
+
+def measure(args: argparse.Namespace, name: str, length: int) -> tuple[float, float]:
+    """(median seconds, peak MiB) of one cell, measured in a fresh subprocess."""
+    command = [sys.executable, __file__, "--child", name, "--length", str(length)]
+    for flag in ("heads", "head_dim", "batch", "threads", "repeats"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    cell = json.loads(result.stdout.strip().splitlines()[-1])
+    return cell["seconds"], cell["peak_mib"]
 
 
 def log_log_slope(lengths: list[int], values: list[float]) -> float:
@@ -163,13 +165,11 @@ def log_log_slope(lengths: list[int], values: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> str:
-    torch.set_num_threads(args.threads)
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for name in args.variants:
         rows[name] = {}
         for length in args.lengths:
-            seconds = measure_time(args, name, length)
-            memory = measure_memory(args, name, length)
+            seconds, memory = measure(args, name, length)
             rows[name][length] = (seconds, memory)
             print(
                 f"{name:15s} N={length:6d} {seconds * 1e3:10.1f} ms {memory:9.1f} MiB",
@@ -185,8 +185,9 @@ def to_markdown(args: argparse.Namespace, rows: dict[str, dict[int, tuple[float,
         "",
         f"Batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, float32, non-causal "
         f"self-attention, CPU ({args.threads} threads), torch {torch.__version__}. Time: median "
-        f"of {args.repeats} calls after a warm-up. Memory: peak RSS a forward call adds "
-        "(ru_maxrss after minus before, fresh subprocess per cell, after a short warm-up call).",
+        f"of {args.repeats} calls after a warm-up. Memory: peak RSS one forward call adds "
+        "(ru_maxrss after minus before, high-water mark reset just before; fresh subprocess per "
+        "cell, after a short warm-up call).",
         "",
         "Options: "
         + "; ".join(
@@ -235,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        measure_memory_child(args)
+        measure_child(args)
         return
     report = run(args)
     print(report)

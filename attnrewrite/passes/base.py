@@ -128,7 +128,8 @@ def dead_code_elimination(gm: fx.GraphModule) -> int:
             private = (isinstance(written, fx.Node) and written.op == "call_function"
                        and set(written.users) == {node})
             return not private
-        return node.is_impure()
+        # Random ops (dropout, sdpa with its seeded dropout) are pure enough to drop when unused.
+        return node.is_impure(impure_random=False)
 
     gm.graph.eliminate_dead_code(is_impure_node=impure)
     return before - len(gm.graph.nodes)

@@ -53,13 +53,17 @@ class Canonicalize:
 
     name: ClassVar[str] = "canonicalize"
     matches: tuple[SiteMatch, ...]
+    #: Sites lowered to an exact variant: they keep the model's own dense mask (so a fully masked
+    #: row computes what the original computes, whatever fill value the model used).
+    dense_masks: frozenset[str] = frozenset()
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         rows = _Rows(MaskAnalysis(gm))
         done = 0
         failed: dict[str, str] = {}
         for match in self.matches:
-            problem = canonicalize_site(gm.graph, match, rows)
+            problem = canonicalize_site(gm.graph, match, rows,
+                                        dense=match.site.name in self.dense_masks)
             if problem:
                 failed[match.site.name] = problem
             else:
@@ -91,12 +95,13 @@ class _Rows:
         del self.memo[node]
 
 
-def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: _Rows) -> str | None:
+def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: _Rows,
+                      dense: bool = False) -> str | None:
     """Rewrite one site; return a reason (and leave the graph as it was) if it cannot be done."""
     created_before = set(graph.nodes)
     emit = Emitter(graph, match.output)
     try:
-        out = _build(emit, match, rows)
+        out = _build(emit, match, rows, dense)
     except _Refuse as why:
         out = None
         reason = str(why)
@@ -115,7 +120,7 @@ class _Refuse(Exception):
     pass
 
 
-def _build(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node:
+def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) -> fx.Node:
     site = match.site
     frame = match.frame_batch
     q_batch = match.batch_letters
@@ -131,8 +136,10 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows) -> fx.Node:
     p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
     v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, heads=heads)
     rows.lengths = (_length(emit, q), _length(emit, k))
-    mask = _canonical_mask(emit, match, rows, heads)
-    causal = site.mask.is_causal
+    dense = dense and bool(match.mask_terms)
+    mask = _canonical_mask(emit, match, rows, heads, dense)
+    # A dense mask already holds the causal condition, unless it came from sdpa's is_causal.
+    causal = match.sdpa_causal if dense else site.mask.is_causal
     node = emit.call(attention, q, k, v, mask=mask, causal=causal, scale=site.scale,
                      dropout_p=site.dropout_p)
     node.meta[SITE_META] = site
@@ -243,26 +250,24 @@ def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch,
 # -- masks -------------------------------------------------------------------------------------------
 
 def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows,
-                    heads: int | None = None) -> fx.Node | None:
+                    heads: int | None = None, dense: bool = False) -> fx.Node | None:
     cls = match.site.mask
-    if cls in (MaskClass.NONE, MaskClass.CAUSAL):
+    if not dense and cls in (MaskClass.NONE, MaskClass.CAUSAL):
         return None
     frame_rank = len(match.frame_batch) + 2
-    key_only = cls.has_key_term
+    key_only = cls.has_key_term and not dense
     dtype = G.dtype(match.anchor.args[0]) if match.site.kind == "manual" else G.dtype(match.query.node)
     parts: list[fx.Node] = []
     for term in match.mask_terms:
         node = _row(emit, term.node, rows) if key_only else term.node
         parts.append(_to_frame(emit, node, term, match.frame_batch))
-    if len(parts) == 1 and match.mask_terms[0].kind == "keep":
-        mask = parts[0]
-    elif len(parts) == 1 and match.mask_terms[0].kind == "add" and match.mask_terms[0].value == 1.0:
+    first = match.mask_terms[0]
+    if len(parts) == 1 and first.kind == "keep" and first.value == float("-inf"):
+        mask = parts[0]  # a boolean keep mask, as sdpa takes it
+    elif len(parts) == 1 and first.kind == "add" and first.value == 1.0:
         mask = parts[0]
     else:
-        mask = None
-        for term, node in zip(match.mask_terms, parts):
-            add = _additive(emit, term, node, dtype)
-            mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
+        mask = _combine_terms(emit, match.mask_terms, parts, dtype)
     for _ in range(frame_rank - G.rank(mask)):
         mask = emit.unsqueeze(mask, 0)
     return _to_4d_mask(emit, mask, len(match.frame_batch), heads)
@@ -298,16 +303,29 @@ def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int, heads: int | None = None)
     return _to_4d(emit, mask, nb) if shp is not None else mask
 
 
-def _additive(emit: Emitter, term: MaskTerm, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
-    if term.kind == "add":
-        out = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
-        return out
-    zero = 0.0
-    if term.kind == "fill":
-        return emit.call(aten.where.ScalarSelf, node, term.value, emit.call(
-            aten.scalar_tensor.default, zero, dtype=dtype or torch.float32))
-    return emit.call(aten.where.ScalarOther, node, emit.call(
-        aten.scalar_tensor.default, zero, dtype=dtype or torch.float32), term.value)
+def _combine_terms(emit: Emitter, terms: tuple[MaskTerm, ...], parts: list[fx.Node],
+                   dtype: torch.dtype | None) -> fx.Node:
+    """One additive mask equal to the terms applied in the model's order.
+
+    Terms were collected walking up from softmax, so they are applied in reverse. ``masked_fill``
+    and ``where`` *replace* scores: they become ``where(cond, fill, mask_so_far)`` rather than a sum,
+    so two fills with ``finfo.min`` stay ``finfo.min`` (a sum would overflow to -inf and change
+    what a fully masked row computes).
+    """
+    dtype = dtype or torch.float32
+    mask: fx.Node | None = None
+    for term, node in reversed(list(zip(terms, parts))):
+        if term.kind == "add":
+            add = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
+            mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
+            continue
+        base = mask if mask is not None else emit.call(aten.scalar_tensor.default, 0.0, dtype=dtype)
+        if term.kind == "fill":
+            mask = emit.call(aten.where.ScalarSelf, node, term.value, base)
+        else:
+            mask = emit.call(aten.where.ScalarOther, node, base, term.value)
+    assert mask is not None
+    return mask
 
 
 def _row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node:

@@ -211,6 +211,11 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
                            "query axis, or probabilities used another way)")
     if pq not in vprod.out_letters:
         raise NotAttention("the value product reduces the query axis")
+    if pq in v_letters:
+        raise NotAttention("the value operand varies with the query position (an MoE router "
+                           "or a pairwise product, not attention)")
+    if _depends_on(v_node, softmax):
+        raise NotAttention("the values are computed from the probabilities themselves")
     v_free = [c for c in v_letters if c not in p_letters]
     if len(v_free) != 1 or v_free[0] not in vprod.out_letters:
         raise NotAttention("the value operand has no single feature axis")
@@ -221,9 +226,11 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     frame_batch = tuple(G.shape(scores)[:-2])
     score_batch = tuple(G.shape(prod.node)[:-2])
     out_batch = tuple(G.shape(p_node)[:-2])
+    head = batch_letters[-1] if len(batch_letters) >= 2 else None
     query = _operand(gm, q_node, q_letters, q_letter, feature)
-    key = _operand(gm, k_node, k_letters, k_letter, feature)
-    value = _operand(gm, v_node, v_letters, pk, v_free[0])
+    key = _operand(gm, k_node, k_letters, k_letter, feature, head)
+    p_head = p_batch[-1] if len(p_batch) >= 2 else None
+    value = _operand(gm, v_node, v_letters, pk, v_free[0], p_head)
     # The value operand keeps the value product's own letters: it is canonicalised with the
     # value product's batch order (its letters need not match the score product's).
     mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r)
@@ -273,6 +280,23 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         out_q=pq, out_e=v_free[0], mask_terms=tuple(walk.terms), mask_value=mask_value,
         canonical_problem=problem, query_scales=tuple(walk.tensor_scales),
     )
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is computed from ``source`` (only nodes after ``source`` can be)."""
+    order = {n: i for i, n in enumerate(source.graph.nodes)}
+    start = order[source]
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur is source:
+            return True
+        if cur in seen or order.get(cur, -1) < start:
+            continue
+        seen.add(cur)
+        stack.extend(cur.all_input_nodes)
+    return False
 
 
 def _int_or(size: Any) -> int:
@@ -613,19 +637,35 @@ def _passes_probs(node: fx.Node, src: fx.Node) -> bool:
 
 # -- operands: strip scale and head repeats ----------------------------------------------------------
 
-_PERMUTES = frozenset({"transpose", "permute"}) | _COPIES
+_PERMUTES = frozenset({"transpose", "permute", "mT", "t", "adjoint"}) | _COPIES
+_FOLDS = frozenset({"view", "reshape", "_unsafe_view"})
+#: Views a scalar scale commutes with: walked through (and replayed) to find a scale below them.
+_VIEWS = _FOLDS | {"expand", "unsqueeze", "squeeze", "slice"}
 
 
-def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature: str) -> Operand:
-    """Walk up from a product operand through permutations/copies, collecting a scalar scale and a
-    grouped-KV head repeat; the canonical tensor is rebuilt from the node before them."""
+def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature: str,
+             head: str | None = None) -> Operand:
+    """Walk up from a product operand through permutations, copies and reshapes, collecting a
+    scalar scale and a grouped-KV head repeat; the canonical tensor is rebuilt from the node before
+    them by replaying the walked permutations/reshapes.
+
+    A repeat is stripped only when the repeated axis ends up as the operand's head axis (``head``)
+    and no reshape has to be replayed on top of it (its sizes would name the repeated heads).
+    """
     replay: list[fx.Node] = []
     factor = 1.0
     cur = node
     kv_heads = None
-    for _ in range(16):
+    for _ in range(24):
         name = G.op_name(cur)
-        if name in _PERMUTES and cur.args and isinstance(cur.args[0], fx.Node):
+        if kv_heads is None and head is not None and all(G.op_name(n) in _PERMUTES for n in replay):
+            strip = _strip_repeat(cur)
+            if strip is not None:
+                small, axis = strip
+                if _lands_on(axis, list(reversed(replay)), letters) == head:
+                    cur, kv_heads = small, G.shape(small)[axis]
+                    continue
+        if (name in _PERMUTES or name in _VIEWS) and cur.args and isinstance(cur.args[0], fx.Node):
             replay.append(cur)
             cur = cur.args[0]
             continue
@@ -641,20 +681,35 @@ def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature:
                 factor = factor * f if name == "mul" else factor / f
                 cur = path
                 continue
-        strip = _strip_repeat(cur)
-        if strip is not None and kv_heads is None:
-            cur, kv_heads = strip
-            continue
         break
     return Operand(node=node, letters=letters, seq=seq, feature=feature, source=cur,
                    replay=tuple(reversed(replay)), factor=factor, kv_source_heads=kv_heads)
 
 
-def _strip_repeat(node: fx.Node) -> tuple[fx.Node, Any] | None:
-    """``repeat_interleave(x, r, dim)`` or ``reshape(expand(x[:, :, None]))`` on the head axis 1.
+def _lands_on(axis: int, replay: list[fx.Node], letters: str) -> str | None:
+    """The operand letter that axis ``axis`` of the replay chain's input becomes."""
+    for node in replay:
+        name = G.op_name(node)
+        r = G.rank(node)
+        if name == "transpose":
+            d0, d1 = (G.normalize_dim(G.arg(node, d), r) for d in ("dim0", "dim1"))
+            axis = d1 if axis == d0 else d0 if axis == d1 else axis
+        elif name in ("mT", "adjoint") or (name == "t" and r == 2):
+            axis = r - 1 if axis == r - 2 else r - 2 if axis == r - 1 else axis
+        elif name == "permute":
+            dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
+            axis = dims.index(axis)
+        elif name not in _COPIES:
+            return None
+    return letters[axis] if 0 <= axis < len(letters) else None
 
-    Returns the un-repeated tensor (same layout, fewer heads) and its head count. Only the
-    interleaved form (head h reads h // r) is stripped; ``Tensor.repeat`` tiles and is left alone.
+
+def _strip_repeat(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``repeat_interleave(x, r, dim)`` or ``reshape(expand(x.unsqueeze(a+1)))`` merging (a, a+1).
+
+    Returns the un-repeated tensor (same layout, fewer heads on the repeated axis) and that axis.
+    Only the interleaved form (head h reads h // r) is stripped; ``Tensor.repeat`` tiles and is
+    left alone.
     """
     name = G.op_name(node)
     shp = G.shape(node)
@@ -662,28 +717,28 @@ def _strip_repeat(node: fx.Node) -> tuple[fx.Node, Any] | None:
         return None
     if name == "repeat_interleave" and G.overload_name(node) == "self_int":
         dim = G.arg(node, "dim", None)
-        src = node.args[0]
-        if dim is not None and G.normalize_dim(dim, len(shp)) == 1:
-            return src, G.shape(src)[1]
-        return None
-    if name in ("reshape", "view", "_unsafe_view"):
+        if dim is None:
+            return None
+        return node.args[0], G.normalize_dim(dim, len(shp))
+    if name in _FOLDS:
         src = node.args[0]
         s = G.shape(src)
         if s is None or len(s) != len(shp) + 1 or G.op_name(src) != "expand":
             return None
-        # (B, Hkv, r, N, d) -> (B, Hkv*r, N, d), the r axis expanded from size 1.
-        if not (G.same_size(s[0], shp[0]) and all(G.same_size(a, b) for a, b in zip(s[3:], shp[2:]))
-                and G.same_size(s[1] * s[2], shp[1])):
+        # (..., Hkv, r, ...) -> (..., Hkv*r, ...), the r axis expanded from size 1.
+        for a in range(len(shp)):
+            if (all(G.same_size(x, y) for x, y in zip(s[:a], shp[:a]))
+                    and all(G.same_size(x, y) for x, y in zip(s[a + 2:], shp[a + 1:]))
+                    and G.same_size(s[a] * s[a + 1], shp[a]) and not G.is_one(s[a + 1])):
+                break
+        else:
             return None
-        base = src.args[0]
+        base = _through_slices(src.args[0])
         bs = G.shape(base)
-        if bs is None or len(bs) != len(s) or not G.is_one(bs[2]):
+        if bs is None or len(bs) != len(s) or not G.is_one(bs[a + 1]):
             return None
-        # Find the unsqueeze that created the repeat axis to get the (B, Hkv, N, d) tensor back.
-        small = _through_slices(base)
-        if G.op_name(small) == "unsqueeze" and G.normalize_dim(G.arg(small, "dim"), len(s)) == 2:
-            inner = _through_slices(small.args[0])
-            return inner, G.shape(inner)[1]
+        if G.op_name(base) == "unsqueeze" and G.normalize_dim(G.arg(base, "dim"), len(s)) == a + 1:
+            return _through_slices(base.args[0]), a
         return None
     return None
 
@@ -721,9 +776,10 @@ def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> Sit
     scale = float(scale_arg) if scale_arg is not None else 1.0 / math.sqrt(head_dim)
     batch = "abcdefgh"[: r - 2]
     letters_q, letters_k, letters_v = batch + "qd", batch + "kd", batch + "ke"
+    head = batch[-1] if len(batch) >= 2 else None
     query = _operand(gm, q, letters_q, "q", "d")
-    key = _operand(gm, k, letters_k, "k", "d")
-    value = _operand(gm, v, letters_v, "k", "e")
+    key = _operand(gm, k, letters_k, "k", "d", head)
+    value = _operand(gm, v, letters_v, "k", "e", head)
     terms: list[MaskTerm] = []
     if attn_mask is not None:
         if G.dtype(attn_mask) == torch.bool:

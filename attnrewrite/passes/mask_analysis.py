@@ -33,8 +33,9 @@ from torch import fx
 from attnrewrite.passes import graph as G
 from attnrewrite.site import MaskClass
 
-#: Additive values at or below this are "masked" (HF used -10000 before it used finfo.min).
-MASKED_THRESHOLD = -1e4
+#: Additive values at or below this are "masked": exp(-1000) is 0 in float32 and float64, so a
+#: fill of -10000 (HF's old value) plus any moderate bias still masks.
+MASKED_THRESHOLD = -1e3
 MASKED = float("-inf")
 
 
@@ -202,9 +203,11 @@ _COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 _IDENTITY = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"}
 _CASTS = {"to", "_to_copy", "type_as"}
 
-#: Stand-ins for an unknown data value: the outside value is known only if it is the same for all.
+#: Stand-ins for an unknown data value: a result counts as known only if it is the same for all
+#: of them — absorbing elements (False & x, -inf + x, 0 * x, where with a known condition).
+#: Comparisons of data never use them (see ``_compare``): data compared is data.
 _BOOL_SAMPLES = (True, False)
-_FLOAT_SAMPLES = (0.0, 1.5, -2.25, MASKED)
+_FLOAT_SAMPLES = (0.0, 1.5, -2.25, 7.0, MASKED)
 
 
 def _safe(fn: Callable[..., Any], *xs: Any) -> Any:
@@ -479,37 +482,59 @@ class MaskAnalysis:
             return self._flat_union(avs, r, shp)
         cmps = frozenset().union(*(av.cmps for av in avs))
         vary = frozenset().union(*(av.vary for av in avs))
-        data = [av.on is None for av in avs]
-        # Inside: every comparison holds.
-        if any(data):
-            on = None
-        else:
-            on = _safe(fn, *(av.on for av in avs))
-            if on == "error":
-                return self._flat_union(avs, r, shp)
+        samples = list(_BOOL_SAMPLES + _FLOAT_SAMPLES)
+        # Inside (every comparison holds) and outside (some operand is outside its comparisons):
+        # each is one known scalar if ``fn`` gives the same result whatever the data values are.
+        inside_choices = [[av.on] if av.on is not None else samples for av in avs]
+        inside = self._outcomes(fn, inside_choices, None)
         if not cmps:
-            return AbstractValue(rank=r, vary=vary, on=on)
-        # Outside: some operand is outside its comparisons. The value must be one known scalar
-        # whatever the data values are, else the structure is lost.
-        choices = []
-        for av in avs:
-            inside = [av.on] if av.on is not None else list(_BOOL_SAMPLES + _FLOAT_SAMPLES)
-            outside = [av.off] if av.cmps else []
-            choices.append([(v, False) for v in inside] + [(v, True) for v in outside])
-        results = set()
-        for combo in itertools.product(*choices):
-            if not any(is_out for _, is_out in combo):
-                continue
-            res = _safe(fn, *(v for v, _ in combo))
-            results.add(_canon(res))
-            if len(results) > 1:
+            if inside is None:
+                return AbstractValue(rank=r, vary=vary)
+            if inside == "error":
                 return self._flat_union(avs, r, shp)
-        (off,) = results
-        if off == "error" or off == "nan":
+            return AbstractValue(rank=r, on=inside[0])
+        outside_choices = []
+        for av in avs:
+            values = [(v, False) for v in ([av.on] if av.on is not None else samples)]
+            outside_choices.append(values + ([(av.off, True)] if av.cmps else []))
+        outside = self._outcomes(fn, outside_choices, lambda combo: any(o for _, o in combo))
+        if outside == "error":
             return self._flat_union(avs, r, shp)
-        if on is not None and _canon(on) == off:
-            return AbstractValue(rank=r, vary=vary, on=on)
-        return _oriented(AbstractValue(rank=r, vary=vary, cmps=cmps, on=on, off=off))
+        if outside is not None and inside is not None and inside != "error":
+            if _canon(inside[0]) == _canon(outside[0]):
+                return AbstractValue(rank=r, on=inside[0])
+            return _oriented(AbstractValue(rank=r, cmps=cmps, on=inside[0], off=outside[0]))
+        if outside is not None and inside is None:
+            return _oriented(AbstractValue(rank=r, vary=vary, cmps=cmps, on=None, off=outside[0]))
+        if outside is None and inside not in (None, "error") and len(cmps) == 1:
+            # Data outside, a constant inside: the complement of one comparison is one comparison.
+            (c,) = cmps
+            return AbstractValue(rank=r, vary=vary, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}),
+                                 on=None, off=inside[0])
+        return self._flat_union(avs, r, shp)
+
+    @staticmethod
+    def _outcomes(fn: Callable[..., Any], choices: Sequence[Sequence[Any]],
+                  keep: Callable[[tuple[Any, ...]], bool] | None) -> Any:
+        """``(value,)`` if ``fn`` is one scalar over every combination (``keep`` filters them),
+        ``None`` if it varies, ``"error"`` if it cannot be evaluated."""
+        results: set[Any] = set()
+        first = None
+        for combo in itertools.product(*choices):
+            if keep is not None and not keep(combo):
+                continue
+            values = [v[0] if isinstance(v, tuple) else v for v in combo]
+            res = _safe(fn, *values)
+            if res == "error":
+                return "error"
+            key = _canon(res)
+            if key == "nan":
+                return None
+            results.add(key)
+            first = res if first is None else first
+            if len(results) > 1:
+                return None
+        return (first,) if results else "error"
 
     @staticmethod
     def _flat_union(avs: Sequence[AbstractValue], r: int, shp: Any) -> AbstractValue:
@@ -561,6 +586,10 @@ class MaskAnalysis:
             if name == "eq" and off == 0:
                 return _flatten(AbstractValue(rank=r, diff=(u, v, off)), shp)
             return _flatten(AbstractValue(rank=r, diff=(u, v, off)), shp)
+        if (a.on is None and not a.cmps) or (b.on is None and not b.cmps):
+            if not (a.index or a.diff or b.index or b.diff):
+                # Data compared with anything is data (no sample set can prove it constant).
+                return self._flat_union([a, b], r, shp)
         if a.index and b.is_const and isinstance(b.const, (int, float)):
             lo = a.index[1]  # positions are >= their offset
             c = b.const

@@ -89,8 +89,9 @@ class RewrittenModel(nn.Module):
                     f"captured {self._example_structure}, got {got}. Call it with the same "
                     "positional/keyword arguments and tensor ranks as the example passed to rewrite()."
                 ) from exc
-            if isinstance(exc, (RuntimeError, AssertionError, ValueError)) and (
-                    "shape" in str(exc).lower() or "expected input" in str(exc).lower()):
+            text = str(exc).lower()
+            if isinstance(exc, (RuntimeError, AssertionError, ValueError)) and any(
+                    k in text for k in ("shape", "expected input", "guard failed", "size()")):
                 raise InputMismatchError(
                     f"input shapes outside what was captured: {exc}. Dimensions that were "
                     "specialised at capture (see the report's notes) must keep their example size."
@@ -177,11 +178,11 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
         A :class:`RewrittenModel`; ``.report`` says what happened to each site. The original model,
         its parameters and buffers are not modified.
     """
-    names = [variant] if isinstance(variant, str) else list(dict(variant).values())
     if not isinstance(variant, (str, Mapping)):
         raise UnknownVariantError(
             f"variant must be a name or a {{pattern: name}} dict, got {type(variant).__name__}; "
             f"registered variants: {', '.join(variant_names())}")
+    names = [variant] if isinstance(variant, str) else list(dict(variant).values())
     classes = [get_variant(n) for n in names]
     _check_options(classes, options)
 
@@ -209,7 +210,8 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
     if debug:
         for node, reason in found.rejected:
             print(f"[attnrewrite] {node}: not attention: {reason}")
-    canon = Canonicalize(tuple(accepted))(gm)
+    exact = frozenset(m.site.name for m in accepted if getattr(modules[m.site.name], "exact", False))
+    canon = Canonicalize(tuple(accepted), dense_masks=exact)(gm)
     failed = canon.stats["failed"]
     if debug:
         gm.graph.lint()

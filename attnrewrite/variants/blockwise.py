@@ -59,10 +59,13 @@ class QueryGroup:
     Attributes:
         positions: (G, bq) int64 query positions; positions >= Nq are padding and are discarded.
         segments: the key segments, concatenated along the key axis.
+        in_order: the positions are 0, 1, 2, ... in row-major order (consecutive blocks), so the
+            results are query rows after a reshape, without a scatter.
     """
 
     positions: Tensor
     segments: tuple[KeySegment, ...]
+    in_order: bool = False
 
 
 # -- building blocks of patterns -----------------------------------------------------------------
@@ -215,10 +218,9 @@ def _group_partials(
 
     Rows the group does not reach, or where it allows no key, have max -inf and sum 0.
     """
-    batch, heads, q_len, head_dim = query.shape
+    batch, heads, q_len = query.shape[:3]
     kv_heads, k_len = key.shape[1], key.shape[2]
     q_pos = group.positions
-    rows, block = q_pos.shape
     i = q_pos[:, :, None]
     keeps, seen = [], list(earlier)
     for segment in group.segments:
@@ -230,14 +232,13 @@ def _group_partials(
     # Padding positions read row 0 (any valid row); ``keep`` already excludes them.
     q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
     k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
-    # Gathers by a 2-D index give (B, ·, G, bq|K, d) directly: no symbolic size is split by a
-    # reshape, which keeps torch.export free of guards it cannot prove.
-    # Query head h reads key/value head h // (H / Hkv): one gather gives (B, H, G, K, d).
-    kv_head = torch.arange(heads, device=q_pos.device) // (heads // kv_heads)
-    kv_index = (kv_head[:, None, None], k_index[None])
+    # Gathers by 2-D indices give (B, H, G, bq|K, d) directly, query head h reading key/value head
+    # h // (H / Hkv). Neither a reshape of a symbolic size nor a repeat of grouped heads is
+    # involved: both make torch.export add guards its solver cannot prove (e.g. "G != 1").
+    kv_head = (torch.arange(heads, device=q_pos.device) // (heads // kv_heads))[:, None, None]
     q = query[:, :, q_index]
-    k, v = key[:, kv_index[0], kv_index[1]], value[:, kv_index[0], kv_index[1]]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, G, bq, K)
+    k, v = key[:, kv_head, k_index], value[:, kv_head, k_index]
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, bq, K)
     if mask is not None:
         bias = mask[..., q_index[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
         if bias.dtype == torch.bool:
@@ -251,6 +252,13 @@ def _group_partials(
     weights = torch.exp(scores - _finite_or_zero(row_max).unsqueeze(-1))
     row_total = weights.sum(dim=-1)
     row_weighted = torch.matmul(weights, v)
+
+    if group.in_order:
+        # The first Nq rows, as a gather: ``narrow`` would make export guard on Nq <= G·bq, a
+        # bound its solver cannot prove for symbolic lengths.
+        rows_kept = torch.arange(q_len, device=q_pos.device)
+        stats = (row_max, row_total, row_weighted)
+        return tuple(stat.flatten(2, 3).index_select(2, rows_kept) for stat in stats)
 
     # Back to query rows: padding positions go to a dump row Nq, cut off afterwards.
     target = torch.where(q_pos < q_len, q_pos, torch.full_like(q_pos, q_len)).flatten()

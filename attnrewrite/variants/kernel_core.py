@@ -111,15 +111,15 @@ def kernel_attention(
 def _non_causal(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     """q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv) -> (B, Hkv, G, Nq, dv)."""
     b, h, g, q_len, m = q.shape
-    # Append the normaliser as one more value column: φ(K)ᵀ[V, 1] gives the state and Σ_j φ(k_j)
-    # in one product, and φ(Q) times it gives numerator and denominator in one product, so the
-    # work is two batched matmuls (which einsum lowers to with a transpose) rather than four.
-    ones = torch.ones_like(v[..., :1])
-    state = torch.matmul(k.transpose(-1, -2), torch.cat([v, ones], dim=-1))  # (B, Hkv, m, dv+1)
-    out = torch.matmul(q.reshape(b, h, g * q_len, m), state)  # (B, Hkv, G·Nq, dv+1)
-    dv = v.shape[-1]
-    out = out[..., :dv] / out[..., dv:].clamp_min(eps)
-    return out.reshape(b, h, g, q_len, dv)
+    q = q.reshape(b, h, g * q_len, m)  # the group's queries share their key/value head's state
+    state = torch.matmul(k.transpose(-1, -2), v)  # (B, Hkv, m, dv)
+    # The normaliser as a product and a sum, not a matmul with an (m, 1) vector nor an extra
+    # ones column on V (a copy of V): Inductor fuses the query side into the kernel that divides,
+    # leaving one extra read of φ(K) for Σ_j φ(k_j).
+    norm = k.sum(dim=-2)  # (B, Hkv, m)
+    den = (q * norm.unsqueeze(-2)).sum(dim=-1, keepdim=True)
+    out = torch.matmul(q, state) / den.clamp_min(eps)
+    return out.reshape(b, h, g, q_len, v.shape[-1])
 
 
 def _causal_chunked(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,7 @@ class LinformerAttention(AttentionVariant):
     supports_causal: ClassVar[bool] = False
     Options: ClassVar[type] = LinformerOptions
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options) -> None:
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         known_len = site.key_len if isinstance(site.key_len, int) else None
         self.max_len = self.options.max_len or known_len or DEFAULT_MAX_LEN

@@ -128,31 +128,22 @@ class NystromAttention(AttentionVariant):
         key_landmarks = torch.matmul(kept_members, key) / kept_count
         landmark_bias = pooled_key_bias(key_members, weights).unsqueeze(-2)
 
-        kernel_1 = safe_softmax(
-            torch.matmul(query, key_landmarks.transpose(-1, -2)) * scale + landmark_bias
-        )
-        kernel_2 = (
-            safe_softmax(
-                torch.matmul(query_landmarks, key_landmarks.transpose(-1, -2)) * scale
-                + landmark_bias
-            )
-            * query_present
-        )
+        landmarks_t = key_landmarks.transpose(-1, -2)
+        kernel_1 = safe_softmax(torch.matmul(query, landmarks_t) * scale + landmark_bias)
+        kernel_2 = safe_softmax(torch.matmul(query_landmarks, landmarks_t) * scale + landmark_bias)
+        kernel_2 = kernel_2 * query_present
         scores_3 = torch.matmul(query_landmarks, key.transpose(-1, -2)) * scale
         if mask is not None:
             scores_3 = scores_3 + _additive(mask, acc)
         kernel_3 = safe_softmax(scores_3) * query_present
         mixed = torch.matmul(kernel_3, value)  # (B, H, m, dv)
-        out = torch.matmul(
-            kernel_1, torch.matmul(iterative_pinv(kernel_2, self.options.pinv_iterations), mixed)
-        )
+        inverse = iterative_pinv(kernel_2, self.options.pinv_iterations)
+        out = torch.matmul(kernel_1, torch.matmul(inverse, mixed))
         return out.to(out_dtype)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A key-only mask as an additive bias: 0 / -inf for boolean masks."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, float("-inf")
-        )
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -65,7 +65,7 @@ def _default_stride(site: AttentionSite) -> int:
 
 
 class PatternAttention(AttentionVariant):
-    """Base of the pattern variants: subclasses give ``allows`` and ``groups``."""
+    """Base of the pattern variants: a subclass states its pattern (see ``pattern``)."""
 
     mask_classes: ClassVar[frozenset[MaskClass]] = ALL_MASK_CLASSES
     supports_causal: ClassVar[bool] = True
@@ -91,13 +91,12 @@ class PatternAttention(AttentionVariant):
         scale: float = 1.0,
     ) -> Tensor:
         groups, allows = self.pattern(query.shape[-2], key.shape[-2], causal, query.device)
-        allowed = allows
-        if causal:
-
-            def allowed(i: Tensor, j: Tensor) -> Tensor:
-                return allows(i, j) & (j <= i)
-
+        allowed = _and_causal(allows) if causal else allows
         return pattern_attention(query, key, value, groups, allowed, mask=mask, scale=scale)
+
+
+def _and_causal(allows: PairPredicate) -> PairPredicate:
+    return lambda i, j: allows(i, j) & (j <= i)
 
 
 def _window_blocks(window: int, block_size: int | None) -> tuple[int, int]:
@@ -151,7 +150,7 @@ class LocalAttention(PatternAttention):
         block, reach = _window_blocks(self.options.window, self.options.block_size)
         queries = block_queries(q_len, block, device)
         band = band_segment(queries.shape[0], block, reach, 0 if causal else reach, device)
-        return [QueryGroup(queries, (band,))], self.allows
+        return [QueryGroup(queries, (band,), in_order=True)], self.allows
 
 
 # -- Sparse Transformer --------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class StridedSparseAttention(PatternAttention):
     name: ClassVar[str] = "sparse_strided"
     Options: ClassVar[type] = StridedOptions
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options) -> None:
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         self.stride = self.options.stride or _default_stride(site)
 
@@ -201,7 +200,10 @@ class StridedSparseAttention(PatternAttention):
         column_queries = lane + torch.arange(padded_count(q_len, stride), device=device) * stride
         column_keys = lane + torch.arange(padded_count(k_len, stride), device=device) * stride
         columns = KeySegment(column_keys, lambda i, j: torch.remainder(i - j, stride) == 0)
-        return [QueryGroup(queries, (band,)), QueryGroup(column_queries, (columns,))], self.allows
+        return [
+            QueryGroup(queries, (band,), in_order=True),
+            QueryGroup(column_queries, (columns,)),
+        ], self.allows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +236,7 @@ class FixedSparseAttention(PatternAttention):
     name: ClassVar[str] = "sparse_fixed"
     Options: ClassVar[type] = FixedOptions
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options) -> None:
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         self.block = self.options.block or _default_stride(site)
         # A block chosen from the site's length may be shorter than the requested summary.
@@ -258,7 +260,10 @@ class FixedSparseAttention(PatternAttention):
             summary_pos[None, :], lambda i, j: torch.remainder(j, block) >= block - count
         )
         everyone = torch.arange(q_len, device=device)[None, :]
-        return [QueryGroup(queries, (own_block,)), QueryGroup(everyone, (summary,))], self.allows
+        return [
+            QueryGroup(queries, (own_block,), in_order=True),
+            QueryGroup(everyone, (summary,), in_order=True),
+        ], self.allows
 
 
 # -- Longformer and BigBird ----------------------------------------------------------------------
@@ -308,9 +313,12 @@ class LongformerAttention(PatternAttention):
         queries = block_queries(q_len, block, device)
         segments = [band_segment(queries.shape[0], block, reach, 0 if causal else reach, device)]
         if count == 0:
-            return [QueryGroup(queries, tuple(segments))], self.allows
+            return [QueryGroup(queries, tuple(segments), in_order=True)], self.allows
         segments.append(prefix_segment(queries.shape[0], count, device))
-        groups = [_global_rows_group(count, k_len, device), QueryGroup(queries, tuple(segments))]
+        groups = [
+            _global_rows_group(count, k_len, device),
+            QueryGroup(queries, tuple(segments), in_order=True),
+        ]
         return groups, self.allows
 
 
@@ -351,7 +359,7 @@ class BigBirdAttention(PatternAttention):
     name: ClassVar[str] = "bigbird"
     Options: ClassVar[type] = BigBirdOptions
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options) -> None:
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         self.random_key = int(torch.randint(0, 2**31, (1,), generator=self.generator()).item())
 
@@ -385,7 +393,7 @@ class BigBirdAttention(PatternAttention):
         if opts.num_random:
             picks = self.random_blocks(num_blocks, ceil_div(k_len, block), causal, device)
             segments.append(_random_segment(picks, block))
-        groups = [QueryGroup(queries, tuple(segments))]
+        groups = [QueryGroup(queries, tuple(segments), in_order=True)]
         if count:
             groups.insert(0, _global_rows_group(count, k_len, device))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class SynthesizerAttention(AttentionVariant):
     mask_classes: ClassVar[frozenset[MaskClass]] = ALL_MASK_CLASSES
     Options: ClassVar[type] = SynthesizerOptions
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options) -> None:
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         known = [n for n in (site.query_len, site.key_len) if isinstance(n, int)]
         self.max_len = self.options.max_len or max(known, default=DEFAULT_MAX_LEN)

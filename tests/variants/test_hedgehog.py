@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attnrewrite.variants import get_variant
 
 Hedgehog = get_variant("hedgehog")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed() -> None:
+    """Inputs drawn from the global generator are the same whatever ran before."""
+    torch.manual_seed(0)
 
 
 def test_parameters_in_state_dict_start_at_identity_and_train(site_factory) -> None:

@@ -150,11 +150,11 @@ def test_pattern_equals_dense_masked_softmax(case, length_index, mask_name):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_pattern_cross_attention(case, causal):
     q_len, k_len = case.lengths[1], case.lengths[0] + 11
-    query, key, value, _ = make_inputs(q_len, k_len, None)
+    query, key, value, bias = make_inputs(q_len, k_len, "additive")
     variant = build(case, q_len)
-    out = variant(query, key, value, causal=causal, scale=0.3)
+    out = variant(query, key, value, mask=bias, causal=causal, scale=0.3)
     pattern = case.dense_pattern(variant, q_len, k_len, causal)
-    ref = dense_reference(query, key, value, pattern, None, 0.3)
+    ref = dense_reference(query, key, value, pattern, bias, 0.3)
     assert relative_error(out, ref) <= TOLERANCE
 
 

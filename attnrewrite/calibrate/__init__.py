@@ -1,0 +1,34 @@
+"""Calibration (issue 7): fit trainable variants to the softmax attention they replaced.
+
+``attnrewrite.calibrate(rw, inputs)`` trains only the rewritten sites' own parameters (feature maps,
+projections) so each site's output matches exact softmax attention on the same inputs; see
+:func:`attnrewrite.calibrate.calibrate.calibrate`.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from attnrewrite.calibrate.result import CalibrationResult, EndToEndCalibration, SiteCalibration
+
+__all__ = ["CalibrationResult", "EndToEndCalibration", "SiteCalibration"]
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as the ``attnrewrite.calibrate`` function it shares a name with.
+
+    Importing a submodule binds it on its parent package: once anything imports
+    ``attnrewrite.calibrate.<x>``, the name ``attnrewrite.calibrate`` refers to this package
+    instead of the public function. Calling the package does what the function does, so
+    ``attnrewrite.calibrate(rw, inputs)`` works either way.
+    """
+
+    def __call__(self, model: Any, inputs: Any, **options: Any) -> CalibrationResult:
+        from attnrewrite.calibrate.calibrate import calibrate
+
+        return calibrate(model, inputs, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
