@@ -135,14 +135,15 @@ def stdlib_text(tokenizer: Any, held_out_share: float = 0.25) -> dict[str, dict[
         # Paragraphs: consecutive sentences of one file until just under the model's limit.
         paragraph: list[str] = []
         length = 0
-        for sentence in file_sentences:
-            tokens = len(tokenizer.tokenize(sentence))
-            if length + tokens > MAX_TOKENS - 2:
+        counts = tokenizer(file_sentences, add_special_tokens=False)["input_ids"] \
+            if file_sentences else []
+        for sentence, ids in zip(file_sentences, counts, strict=True):
+            if length + len(ids) > MAX_TOKENS - 2:
                 if length >= 200:
                     split["paragraphs"].append(" ".join(paragraph))
                 paragraph, length = [], 0
             paragraph.append(sentence)
-            length += tokens
+            length += len(ids)
     return out
 
 
@@ -156,7 +157,8 @@ def _spread(items: list[str], count: int) -> list[str]:
 
 def batches(tokenizer: Any, texts: list[str], batch_size: int) -> list[dict[str, Tensor]]:
     """Tokenised batches of similar lengths (sorted), as keyword arguments of the encoder."""
-    ordered = sorted(texts, key=lambda t: len(tokenizer.tokenize(t)))
+    lengths = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ordered = [t for _, t in sorted(zip((len(ids) for ids in lengths), texts, strict=True))]
     out = []
     for start in range(0, len(ordered), batch_size):
         encoded = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True,

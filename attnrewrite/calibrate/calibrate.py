@@ -50,7 +50,7 @@ from attnrewrite.rewriter.rewrite import RewrittenModel
 #: Default per-site steps when neither ``steps`` nor ``epochs`` is given.
 DEFAULT_STEPS = 300
 #: Default Adam learning rate of the per-site step.
-DEFAULT_LR = 1e-2
+DEFAULT_LR = 3e-2
 #: Default steps of the end-to-end step (``end_to_end=True``).
 DEFAULT_END_TO_END_STEPS = 50
 #: The end-to-end step's learning rate, as a fraction of the per-site one: it starts from
@@ -109,7 +109,7 @@ def calibrate(
             tokens), so a few dozen batches of typical inputs are the intended size.
         steps: optimiser steps per site (default 300, or ``epochs`` passes over the batches).
             With both ``steps`` and ``epochs``, training stops at whichever comes first.
-        lr: Adam learning rate (default 1e-2), warmed up over the first 5% of the steps and then
+        lr: Adam learning rate (default 3e-2), warmed up over the first 5% of the steps and then
             decayed to 0 along a cosine.
         loss: ``"mse"``: relative squared error ‖y − t‖² / ‖t‖² of the site's output y against
             the teacher t; ``"attn_kl"``: KL divergence between the softmax attention weights and
@@ -402,7 +402,7 @@ def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: S
                         f"{step + 1}: the loss is {float(value)}. Every parameter was restored; "
                         f"try a smaller lr (it was {lr:g})", site=site.name, step=step + 1)
                 value.backward()
-                losses.append(float(value))
+                losses.append(float(value.detach()))
             site.seconds += time.perf_counter() - tick
             site.steps += 1
         optimizer.step()

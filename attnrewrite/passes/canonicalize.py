@@ -78,6 +78,7 @@ class _Rows:
     analysis: MaskAnalysis
     memo: dict[fx.Node, fx.Node] = dataclasses.field(default_factory=dict)
     lengths: tuple[Any, Any] | None = None  # (Nq, Nk) as ints or sym_size nodes
+    device: torch.device | None = None  # where the site's tensors live
 
     def items(self):
         return self.memo.items()
@@ -136,6 +137,8 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
     v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, heads=heads)
     rows.lengths = (_length(emit, q), _length(emit, k))
+    anchor_val = match.anchor.meta.get("val")
+    rows.device = anchor_val.device if isinstance(anchor_val, torch.Tensor) else None
     dense = dense and bool(match.mask_terms)
     mask = _canonical_mask(emit, match, rows, heads, dense)
     # A dense mask already holds the causal condition, unless it came from sdpa's is_causal.
@@ -267,7 +270,7 @@ def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows,
     elif len(parts) == 1 and first.kind == "add" and first.value == 1.0:
         mask = parts[0]
     else:
-        mask = _combine_terms(emit, match.mask_terms, parts, dtype)
+        mask = _combine_terms(emit, match.mask_terms, parts, dtype, rows.device)
     for _ in range(frame_rank - G.rank(mask)):
         mask = emit.unsqueeze(mask, 0)
     return _to_4d_mask(emit, mask, len(match.frame_batch), heads)
@@ -304,7 +307,7 @@ def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int, heads: int | None = None)
 
 
 def _combine_terms(emit: Emitter, terms: tuple[MaskTerm, ...], parts: list[fx.Node],
-                   dtype: torch.dtype | None) -> fx.Node:
+                   dtype: torch.dtype | None, device: torch.device | None = None) -> fx.Node:
     """One additive mask equal to the terms applied in the model's order.
 
     Terms were collected walking up from softmax, so they are applied in reverse. ``masked_fill``
@@ -319,7 +322,8 @@ def _combine_terms(emit: Emitter, terms: tuple[MaskTerm, ...], parts: list[fx.No
             add = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
             mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
             continue
-        base = mask if mask is not None else emit.call(aten.scalar_tensor.default, 0.0, dtype=dtype)
+        base = mask if mask is not None else emit.call(aten.scalar_tensor.default, 0.0, dtype=dtype,
+                                                        device=device)
         if term.kind == "fill":
             mask = emit.call(aten.where.ScalarSelf, node, term.value, base)
         else:
@@ -371,7 +375,7 @@ def _positional_row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node | None
     if any({c.a, c.b} != {q_axis, k_axis} for c in av.cmps):
         return None
     q_len, k_len = rows.lengths
-    positions = emit.call(aten.arange.default, k_len, dtype=torch.int64)
+    positions = emit.call(aten.arange.default, k_len, dtype=torch.int64, device=rows.device)
     last = emit.call(operator.sub, q_len, 1) if isinstance(q_len, fx.Node) else q_len - 1
     keep = None
     for c in av.cmps:
@@ -384,8 +388,13 @@ def _positional_row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node | None
             cond = emit.call(aten.ge.Scalar, positions, bound)
         keep = cond if keep is None else emit.call(aten.logical_and.default, keep, cond)
     dtype = G.dtype(node) or torch.float32
-    on = emit.call(aten.scalar_tensor.default, av.on, dtype=dtype)
-    row = emit.call(aten.where.ScalarOther, keep, on, av.off)
-    if row.meta.get("val") is not None and row.meta["val"].dtype != dtype:
-        row = emit.call(aten.to.dtype, row, dtype)
+    if dtype == torch.bool and av.on is True and av.off is False:
+        row = keep  # a boolean where(keep, True, False) is keep (and ORT has no bool Where)
+    elif dtype == torch.bool and av.on is False and av.off is True:
+        row = emit.call(aten.logical_not.default, keep)
+    else:
+        on = emit.call(aten.scalar_tensor.default, av.on, dtype=dtype, device=rows.device)
+        row = emit.call(aten.where.ScalarOther, keep, on, av.off)
+        if row.meta.get("val") is not None and row.meta["val"].dtype != dtype:
+            row = emit.call(aten.to.dtype, row, dtype)
     return emit.call(aten.reshape.default, row, [*([1] * (r - 1)), -1])

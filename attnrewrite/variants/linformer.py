@@ -153,9 +153,10 @@ class LinformerAttention(AttentionVariant):
             raise ValueError("'linformer' is not causal; its refuse() rejects causal sites")
         acc = compute_dtype(query.dtype)
         heads, key_len = query.shape[1], key.shape[-2]
+        max_len = self.max_len  # a plain int in the message: Dynamo cannot trace closures over self
         torch._check(
-            key_len <= self.max_len,
-            lambda: f"linformer was built for at most max_len={self.max_len} keys",
+            key_len <= max_len,
+            lambda: f"linformer was built for at most max_len={max_len} keys",
         )
         key_proj = leading(self.key_projection, 1, key_len).to(acc)
         value_proj = leading(self.value_projection, 1, key_len).to(acc)

@@ -126,13 +126,14 @@ class SynthesizerAttention(AttentionVariant):
         scale: float = 1.0,
     ) -> Tensor:
         q_len, key_len = query.shape[-2], key.shape[-2]
+        max_len = self.max_len  # a plain int in the message: Dynamo cannot trace closures over self
         torch._check(
-            q_len <= self.max_len,
-            lambda: f"synthesizer was built for sequences of at most max_len={self.max_len}",
+            q_len <= max_len,
+            lambda: f"synthesizer was built for sequences of at most max_len={max_len}",
         )
         torch._check(
-            key_len <= self.max_len,
-            lambda: f"synthesizer was built for sequences of at most max_len={self.max_len}",
+            key_len <= max_len,
+            lambda: f"synthesizer was built for sequences of at most max_len={max_len}",
         )
         logits = self.synthesized_logits(query, key_len)
         if mask is not None:

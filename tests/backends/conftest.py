@@ -84,13 +84,9 @@ CASES = {
 }
 
 
-#: Variants Dynamo cannot trace yet, with why: their ``torch._check`` messages are lambdas that
-#: close over ``self`` (an ``nn.Module``), and Dynamo only converts closures over constants.
-COMPILE_FAILURES: dict[str, str] = {
-    name: f"{name}.forward: torch._check(..., lambda: f'...{{self.max_len}}') closes over self; "
-          "Dynamo raises 'Can't convert torch._check*() message closure'"
-    for name in ("linformer", "synthesizer")
-}
+#: Variants Dynamo cannot trace yet, with why (none at present; linformer and synthesizer closed
+#: their ``torch._check`` messages over ``self`` until they were fixed).
+COMPILE_FAILURES: dict[str, str] = {}
 
 
 def variant_params(fast: tuple[str, ...] = (), known_failures: dict[str, str] | None = None

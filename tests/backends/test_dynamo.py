@@ -6,6 +6,8 @@ rewriting itself in seconds; the Inductor path is the slow test at the end.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -64,8 +66,6 @@ def _fresh_dynamo():
 
 def _reference(model: nn.Module, variant: str) -> nn.Module:
     """The model with each attention block rewritten on its own (export can capture those)."""
-    import copy
-
     ref = copy.deepcopy(model)
     for name, child in list(ref.named_children()):
         if isinstance(child, EinsumAttention):

@@ -97,11 +97,6 @@ def test_flops_are_counted_including_cpu_fused_attention(eager_result):
     assert _row(eager_result, "original", 1024).flop_bound_speedup == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rewrite() leaves the replaced scaled_dot_product_attention node in the graph: torch.fx "
-    "eliminate_dead_code treats the nondeterministic_seeded aten SDPA op as impure, so every "
-    "rewritten model still computes the original attention (passes/base.py dead_code_elimination)."
-    " Remove this marker once fixed."))
 def test_linear_attention_needs_fewer_flops_at_long_length(eager_result):
     linear = _row(eager_result, "linear", 1024)
     assert linear.flops < _row(eager_result, "original", 1024).flops
