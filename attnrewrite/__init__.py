@@ -25,13 +25,26 @@ from attnrewrite.variants.base import AttentionVariant
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionSite", "AttentionVariant", "AttnRewriteError", "CaptureError", "InputMismatchError",
-    "MaskClass", "Report", "RewrittenModel", "SiteRow", "UnknownVariantError", "VariantOptionError",
-    "find_attention", "register_variant", "rewrite", "variants",
+    "AttentionSite",
+    "AttentionVariant",
+    "AttnRewriteError",
+    "CaptureError",
+    "InputMismatchError",
+    "MaskClass",
+    "Report",
+    "RewrittenModel",
+    "SiteRow",
+    "UnknownVariantError",
+    "VariantOptionError",
+    "find_attention",
+    "register_variant",
+    "rewrite",
+    "variants",
 ]
 
 
 # -- deployment, measurement and calibration (implemented in their own rooms, imported lazily) -----
+
 
 def compile(model, backend: str = "inductor", **torch_compile_kwargs):  # noqa: A001
     """``torch.compile`` a rewritten model (see ``attnrewrite.backends.inductor``)."""
@@ -48,7 +61,8 @@ def export_onnx(model, path, args=None, kwargs=None, *, opset=None, **options):
 
 
 def onnx_session(path, providers=None):
-    """An ONNX Runtime session callable like the exported model (see ``attnrewrite.backends.onnx``)."""
+    """An ONNX Runtime session callable like the exported model (see
+    ``attnrewrite.backends.onnx``)."""
     from attnrewrite.backends.onnx import onnx_session as _session
 
     return _session(path, providers=providers)
@@ -69,7 +83,8 @@ def benchmark(model, variants, args=None, kwargs=None, **options):
 
 
 def calibrate(model, inputs, **options):
-    """Train the rewritten sites' own parameters to imitate softmax (see ``attnrewrite.calibrate``)."""
+    """Train the rewritten sites' own parameters to imitate softmax (see
+    ``attnrewrite.calibrate``)."""
     from attnrewrite.calibrate.calibrate import calibrate as _calibrate
 
     return _calibrate(model, inputs, **options)

@@ -54,7 +54,8 @@ class AttentionSite:
     Shapes use the canonical layout (batch, heads, seq, head_dim) whatever the model's spelling.
 
     Attributes:
-        name: module path of the attention (from ``nn_module_stack``), e.g. ``encoder.layer.0.attention.self``.
+        name: module path of the attention (from ``nn_module_stack``), e.g.
+        ``encoder.layer.0.attention.self``.
         kind: how the model spelled it: ``"manual"`` (product, softmax, product) or ``"sdpa"``.
         num_heads: query heads H (1 when the model folds heads into the batch and the fold could
             not be traced).

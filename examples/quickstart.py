@@ -31,15 +31,20 @@ def timed(fn, repeats: int = 5) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     intermediate_size=1024, vocab_size=1000,
-                                     max_position_embeddings=4096)
+    config = transformers.BertConfig(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+    )
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
 
     def inputs(batch: int, length: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(0, 1000, (batch, length))
         mask = torch.ones(batch, length, dtype=torch.long)
-        mask[-1, length // 2:] = 0  # padding in the last sequence
+        mask[-1, length // 2 :] = 0  # padding in the last sequence
         return {"input_ids": ids, "attention_mask": mask}
 
     example = inputs(2, 64)
@@ -67,7 +72,7 @@ def main() -> None:
         ort_err = ((ort_out - lin).abs().max() / lin.abs().max()).item()
         ort_ms = timed(lambda: session(**long), repeats=3)
 
-    print(f"sequence length 2048, batch 2 (median of 5, this machine):")
+    print("sequence length 2048, batch 2 (median of 5, this machine):")
     print("| model | latency ms | vs original |")
     print("|---|---|---|")
     print(f"| original (eager, softmax) | {before:.1f} | 1.00x |")

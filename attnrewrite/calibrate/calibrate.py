@@ -471,7 +471,7 @@ def _train_end_to_end(model: RewrittenModel, trainable: list[nn.Parameter], batc
         value.backward()
         optimizer.step()
         done += 1
-        bar.advance(task, loss=float(value))
+        bar.advance(task, loss=float(value.detach()))
     seconds = time.perf_counter() - start
     error_after = _model_error(model, batches, references)
     return EndToEndCalibration(error_before, error_after, done, seconds), stopped

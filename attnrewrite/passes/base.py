@@ -33,7 +33,8 @@ class Emitter:
         self.anchor = anchor
         anchor_val = anchor.meta.get("val")
         self.mode = torch._guards.detect_fake_mode(
-            [anchor_val] if isinstance(anchor_val, torch.Tensor) else [])
+            [anchor_val] if isinstance(anchor_val, torch.Tensor) else []
+        )
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
@@ -62,8 +63,11 @@ class Emitter:
         """Reshape to ``sizes`` (ints or SymInts), naming symbolic sizes through ``x``'s own
         dimensions (``sym_size``) and at most one ``-1``; ``None`` when that is impossible."""
         cur = G.shape(x)
-        if cur is not None and len(cur) == len(sizes) and all(
-                G.same_size(a, b) for a, b in zip(cur, sizes)):
+        if (
+            cur is not None
+            and len(cur) == len(sizes)
+            and all(G.same_size(a, b) for a, b in zip(cur, sizes))
+        ):
             return x
         spec: list[Any] = []
         unknown = 0
@@ -73,8 +77,14 @@ class Emitter:
             if fixed is not None and isinstance(s, int):
                 spec.append(fixed)
                 continue
-            match = next((i for i, c in enumerate(cur or ()) if i not in used and not isinstance(c, int)
-                          and G.same_size(c, s)), None)
+            match = next(
+                (
+                    i
+                    for i, c in enumerate(cur or ())
+                    if i not in used and not isinstance(c, int) and G.same_size(c, s)
+                ),
+                None,
+            )
             if match is not None:
                 used.add(match)
                 spec.append(self.call(aten.sym_size.int, x, match))
@@ -94,8 +104,11 @@ class Emitter:
 
         args = fx.node.map_aggregate(node.args, fake)
         kwargs = fx.node.map_aggregate(node.kwargs, fake)
-        vals = [v for v in fx.node.map_aggregate(list(args) + list(kwargs.values()), lambda a: a)
-                if isinstance(v, torch.Tensor)]
+        vals = [
+            v
+            for v in fx.node.map_aggregate(list(args) + list(kwargs.values()), lambda a: a)
+            if isinstance(v, torch.Tensor)
+        ]
         mode = (torch._guards.detect_fake_mode(vals) if vals else None) or self.mode
         try:
             if mode is not None:
@@ -105,7 +118,9 @@ class Emitter:
                 with mode, guard:
                     if node.target is aten.arange.default:
                         # Fake arange guards on its symbolic end; its meta is just a 1-D int64.
-                        node.meta["val"] = torch.empty(args[0], dtype=kwargs.get("dtype", torch.int64))
+                        node.meta["val"] = torch.empty(
+                            args[0], dtype=kwargs.get("dtype", torch.int64)
+                        )
                     else:
                         node.meta["val"] = node.target(*args, **kwargs)
             elif vals and callable(node.target):
@@ -125,8 +140,11 @@ def dead_code_elimination(gm: fx.GraphModule) -> int:
     def impure(node: fx.Node) -> bool:
         if G.is_inplace(node):
             written = node.args[0]
-            private = (isinstance(written, fx.Node) and written.op == "call_function"
-                       and set(written.users) == {node})
+            private = (
+                isinstance(written, fx.Node)
+                and written.op == "call_function"
+                and set(written.users) == {node}
+            )
             return not private
         # Random ops (dropout, sdpa with its seeded dropout) are pure enough to drop when unused.
         return node.is_impure(impure_random=False)

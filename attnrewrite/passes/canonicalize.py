@@ -3,7 +3,8 @@
 Reads: the :class:`~attnrewrite.passes.find_attention.SiteMatch` records of the sites to rewrite.
 Changes: for each, inserts the canonical q, k, v (scale and grouped-KV repeats stripped, axes moved
 to (batch, heads, seq, feature)), the canonical mask, and one call of :func:`attention` carrying the
-site in ``meta["attnrewrite_site"]``; the site's output node is replaced by the canonical output moved
+site in ``meta["attnrewrite_site"]``; the site's output node is replaced by the canonical output
+moved
 back to the model's layout. After this pass the graph no longer depends on how the model spelled
 attention; lowering the ``attention`` node to ``scaled_dot_product_attention`` is exact.
 
@@ -33,18 +34,57 @@ from attnrewrite.variants.softmax import exact_attention
 SITE_META = "attnrewrite_site"
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
-              causal: bool = False, scale: float = 1.0, dropout_p: float = 0.0) -> Tensor:
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+) -> Tensor:
     """The canonical attention op: exact softmax attention on (B, H, N, d) tensors."""
     return exact_attention(query, key, value, mask, causal, scale, dropout_p)
 
 
-_ELEMENTWISE_ROW = frozenset({
-    "add", "sub", "rsub", "mul", "div", "where", "masked_fill", "__and__", "__or__", "__invert__",
-    "bitwise_and", "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "eq",
-    "ne", "lt", "le", "gt", "ge", "to", "_to_copy", "clone", "contiguous", "alias", "neg", "exp",
-    "log", "minimum", "maximum", "clamp", "abs",
-})
+_ELEMENTWISE_ROW = frozenset(
+    {
+        "add",
+        "sub",
+        "rsub",
+        "mul",
+        "div",
+        "where",
+        "masked_fill",
+        "__and__",
+        "__or__",
+        "__invert__",
+        "bitwise_and",
+        "bitwise_or",
+        "bitwise_not",
+        "logical_and",
+        "logical_or",
+        "logical_not",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "to",
+        "_to_copy",
+        "clone",
+        "contiguous",
+        "alias",
+        "neg",
+        "exp",
+        "log",
+        "minimum",
+        "maximum",
+        "clamp",
+        "abs",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +102,9 @@ class Canonicalize:
         done = 0
         failed: dict[str, str] = {}
         for match in self.matches:
-            problem = canonicalize_site(gm.graph, match, rows,
-                                        dense=match.site.name in self.dense_masks)
+            problem = canonicalize_site(
+                gm.graph, match, rows, dense=match.site.name in self.dense_masks
+            )
             if problem:
                 failed[match.site.name] = problem
             else:
@@ -96,8 +137,9 @@ class _Rows:
         del self.memo[node]
 
 
-def canonicalize_site(graph: fx.Graph, match: SiteMatch, rows: _Rows,
-                      dense: bool = False) -> str | None:
+def canonicalize_site(
+    graph: fx.Graph, match: SiteMatch, rows: _Rows, dense: bool = False
+) -> str | None:
     """Rewrite one site; return a reason (and leave the graph as it was) if it cannot be done."""
     created_before = set(graph.nodes)
     emit = Emitter(graph, match.output)
@@ -143,8 +185,9 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     mask = _canonical_mask(emit, match, rows, heads, dense)
     # A dense mask already holds the causal condition, unless it came from sdpa's is_causal.
     causal = match.sdpa_causal if dense else site.mask.is_causal
-    node = emit.call(attention, q, k, v, mask=mask, causal=causal, scale=site.scale,
-                     dropout_p=site.dropout_p)
+    node = emit.call(
+        attention, q, k, v, mask=mask, causal=causal, scale=site.scale, dropout_p=site.dropout_p
+    )
     node.meta[SITE_META] = site
     return _restore_output(emit, node, match, heads)
 
@@ -154,8 +197,14 @@ def _length(emit: Emitter, x: fx.Node) -> Any:
     return size if isinstance(size, int) else emit.call(aten.sym_size.int, x, 2)
 
 
-def _canonical_operand(emit: Emitter, op: Operand, batch_order: str, batch_sizes: tuple[Any, ...],
-                       frame: tuple[Any, ...], heads: int | None = None) -> fx.Node:
+def _canonical_operand(
+    emit: Emitter,
+    op: Operand,
+    batch_order: str,
+    batch_sizes: tuple[Any, ...],
+    frame: tuple[Any, ...],
+    heads: int | None = None,
+) -> fx.Node:
     x = op.source
     for n in op.replay:
         x = emit.copy(n, x)
@@ -217,8 +266,9 @@ def _prod(sizes: Any) -> Any:
     return n
 
 
-def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch,
-                    heads: int | None = None) -> fx.Node:
+def _restore_output(
+    emit: Emitter, node: fx.Node, match: SiteMatch, heads: int | None = None
+) -> fx.Node:
     """(B, H, Nq, dv) -> the value product's own layout."""
     nb = len(match.frame_batch)
     shp = G.shape(node)
@@ -243,23 +293,31 @@ def _restore_output(emit: Emitter, node: fx.Node, match: SiteMatch,
     perm = [current.index(c) for c in match.out_letters]
     x = emit.permute(x, perm)
     want = G.shape(match.output)
-    if G.dtype(x) is not None and G.dtype(match.output) is not None and G.dtype(x) != G.dtype(match.output):
+    if (
+        G.dtype(x) is not None
+        and G.dtype(match.output) is not None
+        and G.dtype(x) != G.dtype(match.output)
+    ):
         x = emit.call(aten.to.dtype, x, G.dtype(match.output))
     if want is not None and G.shape(x) is not None and len(want) != len(G.shape(x)):
         raise _Refuse("output rank mismatch")
     return x
 
 
-# -- masks -------------------------------------------------------------------------------------------
+# -- masks -----------------------------------------------------------------------------------------
 
-def _canonical_mask(emit: Emitter, match: SiteMatch, rows: _Rows,
-                    heads: int | None = None, dense: bool = False) -> fx.Node | None:
+
+def _canonical_mask(
+    emit: Emitter, match: SiteMatch, rows: _Rows, heads: int | None = None, dense: bool = False
+) -> fx.Node | None:
     cls = match.site.mask
     if not dense and cls in (MaskClass.NONE, MaskClass.CAUSAL):
         return None
     frame_rank = len(match.frame_batch) + 2
     key_only = cls.has_key_term and not dense
-    dtype = G.dtype(match.anchor.args[0]) if match.site.kind == "manual" else G.dtype(match.query.node)
+    dtype = (
+        G.dtype(match.anchor.args[0]) if match.site.kind == "manual" else G.dtype(match.query.node)
+    )
     parts: list[fx.Node] = []
     for term in match.mask_terms:
         node = _row(emit, term.node, rows) if key_only else term.node
@@ -287,8 +345,7 @@ def _to_frame(emit: Emitter, node: fx.Node, term: MaskTerm, frame: tuple[Any, ..
     if all(G.is_one(s) for s in shp[:-2]):
         out = emit.reshape(node, [*([1] * len(frame)), shp[-2], shp[-1]])
     else:
-        full = emit.call(aten.expand.default, node,
-                         [*[_size_arg(s) for s in term_batch], -1, -1])
+        full = emit.call(aten.expand.default, node, [*[_size_arg(s) for s in term_batch], -1, -1])
         out = emit.reshape(full, [*frame, shp[-2], shp[-1]])
     if out is None:
         raise _Refuse("cannot move a mask term to the softmax's batch layout")
@@ -306,12 +363,18 @@ def _to_4d_mask(emit: Emitter, mask: fx.Node, nb: int, heads: int | None = None)
     return _to_4d(emit, mask, nb) if shp is not None else mask
 
 
-def _combine_terms(emit: Emitter, terms: tuple[MaskTerm, ...], parts: list[fx.Node],
-                   dtype: torch.dtype | None, device: torch.device | None = None) -> fx.Node:
+def _combine_terms(
+    emit: Emitter,
+    terms: tuple[MaskTerm, ...],
+    parts: list[fx.Node],
+    dtype: torch.dtype | None,
+    device: torch.device | None = None,
+) -> fx.Node:
     """One additive mask equal to the terms applied in the model's order.
 
     Terms were collected walking up from softmax, so they are applied in reverse. ``masked_fill``
-    and ``where`` *replace* scores: they become ``where(cond, fill, mask_so_far)`` rather than a sum,
+    and ``where`` *replace* scores: they become ``where(cond, fill, mask_so_far)`` rather than a
+    sum,
     so two fills with ``finfo.min`` stay ``finfo.min`` (a sum would overflow to -inf and change
     what a fully masked row computes).
     """
@@ -322,8 +385,11 @@ def _combine_terms(emit: Emitter, terms: tuple[MaskTerm, ...], parts: list[fx.No
             add = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
             mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
             continue
-        base = mask if mask is not None else emit.call(aten.scalar_tensor.default, 0.0, dtype=dtype,
-                                                        device=device)
+        base = (
+            mask
+            if mask is not None
+            else emit.call(aten.scalar_tensor.default, 0.0, dtype=dtype, device=device)
+        )
         if term.kind == "fill":
             mask = emit.call(aten.where.ScalarSelf, node, term.value, base)
         else:
@@ -346,10 +412,12 @@ def _row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node:
     if positional is not None:
         new = positional
     elif name in _ELEMENTWISE_ROW:
+
         def sub(a: Any) -> Any:
             if isinstance(a, fx.Node) and G.rank(a) >= 2 and out_rank - G.rank(a) <= out_rank - 2:
                 return _row(emit, a, rows)
             return a
+
         args = [sub(a) for a in node.args]
         kwargs = {k: sub(v) for k, v in node.kwargs.items()}
         new = emit.call(node.target, *args, **kwargs)

@@ -1,16 +1,19 @@
 """Find softmax-attention sites in an ATen-level FX graph by walking dataflow.
 
 Reads: a ``GraphModule`` captured by ``torch.export`` (ATen training IR, ``meta["val"]`` on nodes).
-Changes: nothing. Produces: one :class:`SiteMatch` per site — the facts (:class:`AttentionSite`) plus
+Changes: nothing. Produces: one :class:`SiteMatch` per site — the facts (:class:`AttentionSite`)
+plus
 the graph positions the canonicalisation needs — and, in debug mode, why each other softmax was not
 taken as attention.
 
 A manual site is anchored on a softmax over the last axis of its input. Upward, the walk passes
-casts, copies, batch-only reshapes, scalar scales, additive masks, ``masked_fill`` and ``where`` with
+casts, copies, batch-only reshapes, scalar scales, additive masks, ``masked_fill`` and ``where``
+with
 a masked fill value, to a product whose output's last two axes are (query, key): the key axis must
 be a free axis of one operand (K) and the query axis a free axis of the other (Q), with exactly one
 contracted axis (the feature axis). Downward, it passes casts, copies, dropout and batch-only
-reshapes to a product that contracts the key axis — and only it — with a value operand. Anything else
+reshapes to a product that contracts the key axis — and only it — with a value operand. Anything
+else
 (softmax over the query or head axis, kᵀ·q, a product with no value operand) is not attention, and
 the debug log says why.
 
@@ -35,8 +38,9 @@ SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "special_softma
 SDPA_OPS = frozenset({"scaled_dot_product_attention"})
 _COPIES = frozenset({"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"})
 _CASTS = frozenset({"to", "_to_copy", "type_as"})
-_RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten",
-                       "unflatten", "expand"})
+_RESHAPES = frozenset(
+    {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten", "expand"}
+)
 _DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
 
 
@@ -63,7 +67,8 @@ class Operand:
     """How to build a canonical (batch..., seq, feature) tensor from a product operand.
 
     ``replay`` lists permutation/copy nodes to re-apply on top of ``source`` (the node before a
-    stripped scale or head repeat) to recover the operand's layout; ``factor`` is the stripped scale.
+    stripped scale or head repeat) to recover the operand's layout; ``factor`` is the stripped
+    scale.
     """
 
     node: fx.Node
@@ -141,7 +146,8 @@ def _name_sites(matches: list[SiteMatch]) -> None:
         matches[i] = m
 
 
-# -- manual sites -----------------------------------------------------------------------------------
+# -- manual sites ----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _ScoreWalk:
@@ -168,15 +174,18 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     if r < 2:
         raise NotAttention("softmax of a vector (no query axis)")
     if dim != r - 1:
-        raise NotAttention(f"softmax over axis {dim}, not the last axis of its (..., query, key) input")
+        raise NotAttention(
+            f"softmax over axis {dim}, not the last axis of its (..., query, key) input"
+        )
     walk = _walk_scores(gm, scores, analysis)
     prod = walk.product
     q_letter, k_letter = prod.out_letters[-2], prod.out_letters[-1]
     k_side = prod.side_of_free(k_letter)
     q_side = prod.side_of_free(q_letter)
     if k_side is None or q_side is None or k_side == q_side:
-        raise NotAttention("the score product is not q·kᵀ (query and key axes do not come from "
-                           "different operands)")
+        raise NotAttention(
+            "the score product is not q·kᵀ (query and key axes do not come from different operands)"
+        )
     if len(prod.contracted) != 1:
         raise NotAttention(f"the score product contracts {len(prod.contracted)} axes, not one")
     (feature,) = prod.contracted
@@ -194,8 +203,10 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     probs_end, dropout_p, escape, down_chain = _walk_probs(softmax)
     vprod = as_product(probs_end)
     if vprod is None:
-        raise NotAttention(f"the attention probabilities feed {G.op_name(probs_end) or probs_end.op}, "
-                           "not a product with values")
+        raise NotAttention(
+            f"the attention probabilities feed {G.op_name(probs_end) or probs_end.op}, "
+            "not a product with values"
+        )
     p_node = down_chain[-1] if down_chain else softmax
     if vprod.lhs is p_node and vprod.rhs is not p_node:
         p_letters, v_node, v_letters = vprod.lhs_letters, vprod.rhs, vprod.rhs_letters
@@ -207,13 +218,17 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         raise NotAttention("the value product adds a bias or scales (baddbmm)")
     pq, pk = p_letters[-2], p_letters[-1]
     if vprod.contracted != {pk}:
-        raise NotAttention("the value product does not contract the key axis (softmax over the "
-                           "query axis, or probabilities used another way)")
+        raise NotAttention(
+            "the value product does not contract the key axis (softmax over the "
+            "query axis, or probabilities used another way)"
+        )
     if pq not in vprod.out_letters:
         raise NotAttention("the value product reduces the query axis")
     if pq in v_letters:
-        raise NotAttention("the value operand varies with the query position (an MoE router "
-                           "or a pairwise product, not attention)")
+        raise NotAttention(
+            "the value operand varies with the query position (an MoE router "
+            "or a pairwise product, not attention)"
+        )
     if _depends_on(v_node, softmax):
         raise NotAttention("the values are computed from the probabilities themselves")
     v_free = [c for c in v_letters if c not in p_letters]
@@ -237,8 +252,10 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     causal = mask_class.is_causal
     problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
     if walk.transforms:
-        problem = (f"the scores pass through {'/'.join(walk.transforms)} (logit soft-capping or "
-                   "clipping) before softmax, which no variant reproduces")
+        problem = (
+            f"the scores pass through {'/'.join(walk.transforms)} (logit soft-capping or "
+            "clipping) before softmax, which no variant reproduces"
+        )
     scale = walk.scale * prod.alpha * query.factor * key.factor
     heads, kv_heads = _heads(frame_batch, key, batch_letters, query)
     q_shape, k_shape = G.shape(q_node), G.shape(k_node)
@@ -273,12 +290,23 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         notes=tuple(notes),
     )
     return SiteMatch(
-        site=site, anchor=softmax, output=vprod.node, query=query, key=key,
+        site=site,
+        anchor=softmax,
+        output=vprod.node,
+        query=query,
+        key=key,
         value=value,
-        batch_letters=batch_letters, frame_batch=frame_batch, score_batch=score_batch,
-        out_letters=vprod.out_letters, out_batch=out_batch,
-        out_q=pq, out_e=v_free[0], mask_terms=tuple(walk.terms), mask_value=mask_value,
-        canonical_problem=problem, query_scales=tuple(walk.tensor_scales),
+        batch_letters=batch_letters,
+        frame_batch=frame_batch,
+        score_batch=score_batch,
+        out_letters=vprod.out_letters,
+        out_batch=out_batch,
+        out_q=pq,
+        out_e=v_free[0],
+        mask_terms=tuple(walk.terms),
+        mask_value=mask_value,
+        canonical_problem=problem,
+        query_scales=tuple(walk.tensor_scales),
     )
 
 
@@ -312,6 +340,7 @@ def _is_cross(q_node: fx.Node, k_node: fx.Node, q_len: Any, k_len: Any) -> bool:
 
 def _share_source(a: fx.Node, b: fx.Node, limit: int = 400) -> bool:
     """Whether q and k derive from a common non-parameter tensor (self-attention)."""
+
     def ancestors(n: fx.Node) -> set[fx.Node]:
         seen: set[fx.Node] = set()
         stack = [n]
@@ -322,9 +351,12 @@ def _share_source(a: fx.Node, b: fx.Node, limit: int = 400) -> bool:
                     seen.add(i)
                     stack.append(i)
         return seen
+
     common = (ancestors(a) | {a}) & (ancestors(b) | {b})
-    return any(n.op in ("placeholder", "call_function") and G.rank(n) >= 2
-               and n.op != "get_attr" for n in common)
+    return any(
+        n.op in ("placeholder", "call_function") and G.rank(n) >= 2 and n.op != "get_attr"
+        for n in common
+    )
 
 
 def _folded_heads(operand: Operand, letter: str) -> int | None:
@@ -368,8 +400,9 @@ def _folded_heads(operand: Operand, letter: str) -> int | None:
     return None
 
 
-def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str,
-           query: Operand | None = None) -> tuple[int, int]:
+def _heads(
+    frame_batch: tuple[Any, ...], key: Operand, batch_letters: str, query: Operand | None = None
+) -> tuple[int, int]:
     if len(frame_batch) >= 2:
         heads = _int_or(frame_batch[-1])
     else:
@@ -392,8 +425,13 @@ def _heads(frame_batch: tuple[Any, ...], key: Operand, batch_letters: str,
     return heads, kv
 
 
-def _canonical_problem(walk: _ScoreWalk, scores: fx.Node, frame_batch: tuple[Any, ...],
-                       score_batch: tuple[Any, ...], out_batch: tuple[Any, ...]) -> str | None:
+def _canonical_problem(
+    walk: _ScoreWalk,
+    scores: fx.Node,
+    frame_batch: tuple[Any, ...],
+    score_batch: tuple[Any, ...],
+    out_batch: tuple[Any, ...],
+) -> str | None:
     """Why the site cannot be put in canonical form (it is still a site), or ``None``."""
     total = _numel(frame_batch)
     for term in walk.terms:
@@ -436,8 +474,9 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
         if name in _RESHAPES:
             src = cur.args[0]
             if not _keeps_last_two(src, cur):
-                raise NotAttention(f"{name} between the score product and softmax moves the "
-                                   "query/key axes")
+                raise NotAttention(
+                    f"{name} between the score product and softmax moves the query/key axes"
+                )
             cur = src
             continue
         if name in ("transpose", "permute"):
@@ -458,8 +497,10 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
                 # is constant along the query and key axes: it folds into q exactly.
                 path, other = (a, b) if _reaches_product(a) or name == "div" else (b, a)
                 if not (isinstance(path, fx.Node) and _is_batch_only(other, cur)):
-                    raise NotAttention(f"scores are {name}-combined with a tensor that varies "
-                                       "along the query or key axis")
+                    raise NotAttention(
+                        f"scores are {name}-combined with a tensor that varies "
+                        "along the query or key axis"
+                    )
                 tensor_scales.append((name, other))
                 cur = path
             continue
@@ -529,8 +570,13 @@ def _score_operand(node: fx.Node, a: Any, b: Any) -> tuple[fx.Node, Any, float]:
     """Which operand of an add carries the scores: the one that reaches a product first."""
     out_shape = G.shape(node)
     candidates = [x for x in (a, b) if isinstance(x, fx.Node) and _reaches_product(x)]
-    full = [x for x in candidates if G.shape(x) is not None and len(G.shape(x)) == len(out_shape)
-            and all(G.same_size(s, t) for s, t in zip(G.shape(x), out_shape))]
+    full = [
+        x
+        for x in candidates
+        if G.shape(x) is not None
+        and len(G.shape(x)) == len(out_shape)
+        and all(G.same_size(s, t) for s, t in zip(G.shape(x), out_shape))
+    ]
     pick = (full or candidates or [None])[0]
     if pick is None:
         raise NotAttention("neither operand of an add before softmax comes from a product")
@@ -576,8 +622,7 @@ def _keeps_last_two(src: fx.Node, dst: fx.Node) -> bool:
         return False
     if G.op_name(dst) == "expand" and len(d) == len(s):
         return all(G.same_size(a, b) for a, b in zip(s, d))
-    return G.same_size(s[-1], d[-1]) and G.same_size(s[-2], d[-2]) and (
-        G.op_name(dst) != "expand")
+    return G.same_size(s[-1], d[-1]) and G.same_size(s[-2], d[-2]) and (G.op_name(dst) != "expand")
 
 
 def _identity_on_last_two(node: fx.Node) -> bool:
@@ -619,8 +664,10 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
             return products[0], dropout_p, escape, chain
         if not users:
             raise NotAttention("the softmax output is unused")
-        raise NotAttention(f"the softmax output feeds {', '.join(G.op_name(u) or u.op for u in users)}"
-                           ", not a product with values")
+        raise NotAttention(
+            f"the softmax output feeds {', '.join(G.op_name(u) or u.op for u in users)}"
+            ", not a product with values"
+        )
     raise NotAttention("probability chain too long")
 
 
@@ -635,7 +682,7 @@ def _passes_probs(node: fx.Node, src: fx.Node) -> bool:
     return False
 
 
-# -- operands: strip scale and head repeats ----------------------------------------------------------
+# -- operands: strip scale and head repeats --------------------------------------------------------
 
 _PERMUTES = frozenset({"transpose", "permute", "mT", "t", "adjoint"}) | _COPIES
 _FOLDS = frozenset({"view", "reshape", "_unsafe_view"})
@@ -643,8 +690,9 @@ _FOLDS = frozenset({"view", "reshape", "_unsafe_view"})
 _VIEWS = _FOLDS | {"expand", "unsqueeze", "squeeze", "slice"}
 
 
-def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature: str,
-             head: str | None = None) -> Operand:
+def _operand(
+    gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature: str, head: str | None = None
+) -> Operand:
     """Walk up from a product operand through permutations, copies and reshapes, collecting a
     scalar scale and a grouped-KV head repeat; the canonical tensor is rebuilt from the node before
     them by replaying the walked permutations/reshapes.
@@ -682,8 +730,16 @@ def _operand(gm: fx.GraphModule, node: fx.Node, letters: str, seq: str, feature:
                 cur = path
                 continue
         break
-    return Operand(node=node, letters=letters, seq=seq, feature=feature, source=cur,
-                   replay=tuple(reversed(replay)), factor=factor, kv_source_heads=kv_heads)
+    return Operand(
+        node=node,
+        letters=letters,
+        seq=seq,
+        feature=feature,
+        source=cur,
+        replay=tuple(reversed(replay)),
+        factor=factor,
+        kv_source_heads=kv_heads,
+    )
 
 
 def _lands_on(axis: int, replay: list[fx.Node], letters: str) -> str | None:
@@ -727,9 +783,12 @@ def _strip_repeat(node: fx.Node) -> tuple[fx.Node, int] | None:
             return None
         # (..., Hkv, r, ...) -> (..., Hkv*r, ...), the r axis expanded from size 1.
         for a in range(len(shp)):
-            if (all(G.same_size(x, y) for x, y in zip(s[:a], shp[:a]))
-                    and all(G.same_size(x, y) for x, y in zip(s[a + 2:], shp[a + 1:]))
-                    and G.same_size(s[a] * s[a + 1], shp[a]) and not G.is_one(s[a + 1])):
+            if (
+                all(G.same_size(x, y) for x, y in zip(s[:a], shp[:a]))
+                and all(G.same_size(x, y) for x, y in zip(s[a + 2 :], shp[a + 1 :]))
+                and G.same_size(s[a] * s[a + 1], shp[a])
+                and not G.is_one(s[a + 1])
+            ):
                 break
         else:
             return None
@@ -752,7 +811,11 @@ def _through_slices(node: fx.Node) -> fx.Node:
         step = G.arg(cur, "step", 1)
         dim = G.normalize_dim(G.arg(cur, "dim", 0), G.rank(cur))
         src = cur.args[0]
-        if step != 1 or start not in (None, 0) or not G.same_size(G.shape(src)[dim], G.shape(cur)[dim]):
+        if (
+            step != 1
+            or start not in (None, 0)
+            or not G.same_size(G.shape(src)[dim], G.shape(cur)[dim])
+        ):
             break
         del end
         cur = src
@@ -760,6 +823,7 @@ def _through_slices(node: fx.Node) -> fx.Node:
 
 
 # -- sdpa sites ------------------------------------------------------------------------------------
+
 
 def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> SiteMatch:
     q, k, v = G.arg(node, "query"), G.arg(node, "key"), G.arg(node, "value")
@@ -795,8 +859,11 @@ def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> Sit
         elif mask_class != MaskClass.GENERAL:
             mask_class = MaskClass.GENERAL  # causal given twice: keep it exact as general
             reason = "is_causal together with a causal mask"
-    frame_batch = tuple(torch.broadcast_shapes(tuple(qs[:-2]), tuple(ks[:-2])) if all(
-        isinstance(s, int) for s in (*qs[:-2], *ks[:-2])) else qs[:-2])
+    frame_batch = tuple(
+        torch.broadcast_shapes(tuple(qs[:-2]), tuple(ks[:-2]))
+        if all(isinstance(s, int) for s in (*qs[:-2], *ks[:-2]))
+        else qs[:-2]
+    )
     heads, kv_heads = _heads(tuple(qs[:-2]), key, batch)
     if enable_gqa and len(ks) >= 3:
         kv_heads = _int_or(ks[-3])
@@ -822,15 +889,28 @@ def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> Sit
         notes=tuple(notes),
     )
     return SiteMatch(
-        site=site, anchor=node, output=node, query=query, key=key, value=value,
-        batch_letters=batch, frame_batch=tuple(qs[:-2]), score_batch=tuple(qs[:-2]),
-        out_letters=batch + "qe", out_batch=tuple(qs[:-2]), out_q="q", out_e="e",
-        mask_terms=tuple(terms), mask_value=mask_value, sdpa_causal=is_causal,
+        site=site,
+        anchor=node,
+        output=node,
+        query=query,
+        key=key,
+        value=value,
+        batch_letters=batch,
+        frame_batch=tuple(qs[:-2]),
+        score_batch=tuple(qs[:-2]),
+        out_letters=batch + "qe",
+        out_batch=tuple(qs[:-2]),
+        out_q="q",
+        out_e="e",
+        mask_terms=tuple(terms),
+        mask_value=mask_value,
+        sdpa_causal=is_causal,
         canonical_problem=None if frame_batch is not None else "sdpa batch shapes",
     )
 
 
 # -- masks -----------------------------------------------------------------------------------------
+
 
 def term_additive(analysis: MaskAnalysis, term: MaskTerm) -> AbstractValue:
     av = analysis.value(term.node)
@@ -844,8 +924,9 @@ def term_additive(analysis: MaskAnalysis, term: MaskTerm) -> AbstractValue:
     return analysis.additive(av, keep_where_true=term.value)
 
 
-def _classify_terms(analysis: MaskAnalysis, terms: list[MaskTerm],
-                    rank: int) -> tuple[AbstractValue | None, MaskClass, str]:
+def _classify_terms(
+    analysis: MaskAnalysis, terms: list[MaskTerm], rank: int
+) -> tuple[AbstractValue | None, MaskClass, str]:
     if not terms:
         return None, MaskClass.NONE, ""
     avs = [term_additive(analysis, t) for t in terms]

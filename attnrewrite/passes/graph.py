@@ -45,9 +45,13 @@ def is_inplace(node: fx.Node) -> bool:
     if not isinstance(target, torch._ops.OpOverload):
         return False
     name = target.overloadpacket.__name__
-    return name.endswith("_") and not name.startswith("__") and bool(target._schema.arguments) \
-        and target._schema.arguments[0].alias_info is not None \
+    return (
+        name.endswith("_")
+        and not name.startswith("__")
+        and bool(target._schema.arguments)
+        and target._schema.arguments[0].alias_info is not None
         and target._schema.arguments[0].alias_info.is_write
+    )
 
 
 def overload_name(node: fx.Node) -> str:
@@ -56,7 +60,8 @@ def overload_name(node: fx.Node) -> str:
 
 
 def arg(node: fx.Node, name: str, default: Any = _NO_DEFAULT) -> Any:
-    """Argument ``name`` of an ATen call, by its schema name, whether passed by position or keyword."""
+    """Argument ``name`` of an ATen call, by its schema name, whether passed by position or
+    keyword."""
     if name in node.kwargs:
         return node.kwargs[name]
     target = node.target
@@ -143,8 +148,11 @@ def size_hint(size: Any) -> int:
 
 
 def size_text(size: Any) -> Any:
-    """A size for the report: an int, or the symbolic expression as text."""
-    return size if isinstance(size, int) else str(size)
+    """A size for the report: an int, or the symbolic expression with its example value."""
+    if isinstance(size, int):
+        return size
+    hint = size_hint(size)
+    return f"{size}={hint}" if hint else str(size)
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -171,13 +179,17 @@ def scalar_value(x: Any, gm: fx.GraphModule | None = None) -> float | None:
         return None
     name = op_name(x)
     if name in ("full", "scalar_tensor") and rank(x) == 0 or name == "lift_fresh_copy":
-        inner = arg(x, "fill_value" if name == "full" else "s" if name == "scalar_tensor" else "self")
+        inner = arg(
+            x, "fill_value" if name == "full" else "s" if name == "scalar_tensor" else "self"
+        )
         return scalar_value(inner, gm)
     if name in ("sqrt", "reciprocal", "neg") and rank(x) in (0,):
         inner = scalar_value(x.args[0], gm)
         if inner is None:
             return None
-        return {"sqrt": math.sqrt, "reciprocal": lambda v: 1.0 / v, "neg": lambda v: -v}[name](inner)
+        return {"sqrt": math.sqrt, "reciprocal": lambda v: 1.0 / v, "neg": lambda v: -v}[name](
+            inner
+        )
     if name in ("clone", "detach", "detach_", "to", "_to_copy", "alias") and rank(x) == 0:
         return scalar_value(x.args[0], gm)
     return None

@@ -2,7 +2,8 @@
 
 Reads: ``attention`` nodes inserted by ``canonicalize`` (their site in ``meta["attnrewrite_site"]``)
 and a mapping site name -> variant module. Changes: registers each module on the graph module under
-``attnrewrite_variants.<site>`` (so its parameters and buffers are in ``state_dict()``) and swaps the
+``attnrewrite_variants.<site>`` (so its parameters and buffers are in ``state_dict()``) and swaps
+the
 node for a ``call_module`` with the same arguments. Canonical nodes without a module stay, and
 compute exact softmax attention.
 """

@@ -12,7 +12,8 @@ The abstract domain describes a tensor m(x) over its index vector x as *piecewis
 where D varies only along the axes in ``vary`` (or is the known scalar ``on``). A comparison
 ``Cmp(a, b, c)`` means x[a] − x[b] <= c. Position tensors (``arange`` and what is derived from it by
 adding constants and moving axes) are tracked exactly as ``Index``; their differences as ``Diff``.
-Comparing two positions gives a ``Cmp``: this is how ``j <= i`` is recognised as causal whether it is
+Comparing two positions gives a ``Cmp``: this is how ``j <= i`` is recognised as causal whether it
+is
 spelled with ``tril``, ``triu``, a ``tril`` buffer or an ``arange`` comparison. Anything the rules
 do not cover becomes "varies along every axis it has" — i.e. ``general`` — never a guess from the
 example's values.
@@ -86,7 +87,9 @@ def _oriented(av: AbstractValue) -> AbstractValue:
     on, off = _canon(av.on), _canon(av.off)
     if on == MASKED or on is False or (on == 0.0 and off not in (MASKED, 0.0)):
         (c,) = av.cmps
-        return dataclasses.replace(av, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}), on=av.off, off=av.on)
+        return dataclasses.replace(
+            av, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}), on=av.off, off=av.on
+        )
     return av
 
 
@@ -113,8 +116,9 @@ def _flatten(av: AbstractValue, shape: Sequence[Any] | None) -> AbstractValue:
     return AbstractValue(rank=av.rank, vary=frozenset(axes))
 
 
-def _remap(av: AbstractValue, mapping: dict[int, int], rank: int,
-           shape: Sequence[Any] | None) -> AbstractValue:
+def _remap(
+    av: AbstractValue, mapping: dict[int, int], rank: int, shape: Sequence[Any] | None
+) -> AbstractValue:
     """Move axes (old -> new). Structure on an axis without a new home is flattened."""
     lost = False
     vary = set()
@@ -147,14 +151,19 @@ def _remap(av: AbstractValue, mapping: dict[int, int], rank: int,
         # An axis disappeared (merged with another, or selected away): keep only what is safe.
         kept = _flatten(av, None)
         axes = {mapping[a] for a in kept.vary if a in mapping}
-        return AbstractValue(rank=rank, vary=frozenset(
-            a for a in axes | set(range(rank)) - set(mapping.values())
-            if shape is None or not G.is_one(shape[a])
-        ))
+        return AbstractValue(
+            rank=rank,
+            vary=frozenset(
+                a
+                for a in axes | set(range(rank)) - set(mapping.values())
+                if shape is None or not G.is_one(shape[a])
+            ),
+        )
     return out
 
 
 # -- scalar semantics of elementwise ops -----------------------------------------------------------
+
 
 def _masked(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= MASKED_THRESHOLD
@@ -182,20 +191,34 @@ def _add(a: Any, b: Any, alpha: Any = 1) -> Any:
 
 
 _BINARY: dict[str, Callable[..., Any]] = {
-    "add": _add, "sub": lambda a, b, alpha=1: a - alpha * b, "rsub": lambda a, b, alpha=1: b - alpha * a,
-    "mul": operator.mul, "div": lambda a, b: a / b if b != 0 else math.copysign(math.inf, a) * (1 if a else math.nan),
-    "__and__": lambda a, b: bool(a) and bool(b), "bitwise_and": lambda a, b: bool(a) and bool(b),
+    "add": _add,
+    "sub": lambda a, b, alpha=1: a - alpha * b,
+    "rsub": lambda a, b, alpha=1: b - alpha * a,
+    "mul": operator.mul,
+    "div": lambda a, b: a / b if b != 0 else math.copysign(math.inf, a) * (1 if a else math.nan),
+    "__and__": lambda a, b: bool(a) and bool(b),
+    "bitwise_and": lambda a, b: bool(a) and bool(b),
     "logical_and": lambda a, b: bool(a) and bool(b),
-    "__or__": lambda a, b: bool(a) or bool(b), "bitwise_or": lambda a, b: bool(a) or bool(b),
+    "__or__": lambda a, b: bool(a) or bool(b),
+    "bitwise_or": lambda a, b: bool(a) or bool(b),
     "logical_or": lambda a, b: bool(a) or bool(b),
-    "eq": lambda a, b: _canon(a) == _canon(b), "ne": lambda a, b: _canon(a) != _canon(b),
-    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-    "minimum": min, "maximum": max, "fmin": min, "fmax": max,
+    "eq": lambda a, b: _canon(a) == _canon(b),
+    "ne": lambda a, b: _canon(a) != _canon(b),
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "minimum": min,
+    "maximum": max,
+    "fmin": min,
+    "fmax": max,
 }
 _UNARY: dict[str, Callable[[Any], Any]] = {
-    "logical_not": lambda a: not bool(a), "bitwise_not": lambda a: not bool(a),
+    "logical_not": lambda a: not bool(a),
+    "bitwise_not": lambda a: not bool(a),
     "__invert__": lambda a: not bool(a),
-    "neg": lambda a: -a, "abs": abs,
+    "neg": lambda a: -a,
+    "abs": abs,
     "exp": lambda a: 0.0 if a == -math.inf else math.exp(min(a, 700.0)),
     "log": lambda a: -math.inf if a == 0 else math.log(a) if a > 0 else math.nan,
 }
@@ -232,8 +255,9 @@ class MaskAnalysis:
             self._memo[x] = self._eval(x)
         return self._memo[x]
 
-    def additive(self, av: AbstractValue, *, fill_where_true: Any = None,
-                 keep_where_true: Any = None) -> AbstractValue:
+    def additive(
+        self, av: AbstractValue, *, fill_where_true: Any = None, keep_where_true: Any = None
+    ) -> AbstractValue:
         """Turn a boolean condition into the additive mask it acts as.
 
         ``fill_where_true=v``: positions where the condition holds get value v (masked_fill);
@@ -313,10 +337,27 @@ class MaskAnalysis:
             if src.index or src.diff:
                 return src
             return self._map(src, lambda v: int(v) if not isinstance(v, bool) else int(v))
-        if name in ("full", "scalar_tensor", "zeros", "ones", "new_ones", "new_zeros", "new_full",
-                    "full_like", "zeros_like", "ones_like", "empty_like"):
-            value = {"zeros": 0, "ones": 1, "new_ones": 1, "new_zeros": 0, "zeros_like": 0,
-                     "ones_like": 1}.get(name)
+        if name in (
+            "full",
+            "scalar_tensor",
+            "zeros",
+            "ones",
+            "new_ones",
+            "new_zeros",
+            "new_full",
+            "full_like",
+            "zeros_like",
+            "ones_like",
+            "empty_like",
+        ):
+            value = {
+                "zeros": 0,
+                "ones": 1,
+                "new_ones": 1,
+                "new_zeros": 0,
+                "zeros_like": 0,
+                "ones_like": 1,
+            }.get(name)
             if value is None and name in ("full", "new_full", "full_like"):
                 value = G.scalar_value(G.arg(node, "fill_value"), self.gm)
             if value is None and name == "scalar_tensor":
@@ -342,7 +383,9 @@ class MaskAnalysis:
             inner = self.value(node.args[0])
             keep = AbstractValue(rank=r, cmps=frozenset({cmp}), on=True, off=False)
             zero = False if G.dtype(node) == torch.bool else 0
-            return self._elementwise(lambda k, x: x if k else zero, [keep, self._align(inner, r)], r, shp)
+            return self._elementwise(
+                lambda k, x: x if k else zero, [keep, self._align(inner, r)], r, shp
+            )
         if name in ("unsqueeze",):
             src = self.value(node.args[0])
             d = G.normalize_dim(G.arg(node, "dim"), r)
@@ -365,7 +408,9 @@ class MaskAnalysis:
             return _remap(self.value(node.args[0]), {0: 1, 1: 0}, r, shp)
         if name == "permute":
             dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
-            return _remap(self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp)
+            return _remap(
+                self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp
+            )
         if name in ("expand", "expand_as", "broadcast_to"):
             src = self.value(node.args[0])
             lead = r - src.rank
@@ -412,9 +457,15 @@ class MaskAnalysis:
             return self._map(self.value(node.args[0]), _UNARY[name], shp)
         if name == "clamp":
             lo, hi = G.arg(node, "min", None), G.arg(node, "max", None)
-            return self._map(self.value(node.args[0]),
-                             lambda v: min(max(v, lo) if lo is not None else v, hi) if hi is not None
-                             else (max(v, lo) if lo is not None else v), shp)
+            return self._map(
+                self.value(node.args[0]),
+                lambda v: (
+                    min(max(v, lo) if lo is not None else v, hi)
+                    if hi is not None
+                    else (max(v, lo) if lo is not None else v)
+                ),
+                shp,
+            )
         return None
 
     # -- leaves ---------------------------------------------------------------------------------
@@ -431,7 +482,7 @@ class MaskAnalysis:
 
     @staticmethod
     def _triangle(t: torch.Tensor, r: int, shp: Any) -> AbstractValue | None:
-        """A constant that is a triangle pattern on its last two axes (a registered causal buffer)."""
+        """A constant that is a triangle on its last two axes (a registered causal buffer)."""
         flat = t.reshape(-1, t.shape[-2], t.shape[-1])
         if not bool((flat == flat[:1]).all()):
             return None
@@ -444,13 +495,20 @@ class MaskAnalysis:
             return None
         lo, hi = values[0].item(), values[1].item()
         for d in range(-2, 3):
-            for keep, cmp in (((j - i) <= d, Cmp(r - 1, r - 2, d)), ((i - j) <= -d, Cmp(r - 2, r - 1, -d))):
+            for keep, cmp in (
+                ((j - i) <= d, Cmp(r - 1, r - 2, d)),
+                ((i - j) <= -d, Cmp(r - 2, r - 1, -d)),
+            ):
                 for on, off in ((hi, lo), (lo, hi)):
-                    expect = torch.where(keep, torch.tensor(on, dtype=m.dtype), torch.tensor(off, dtype=m.dtype))
+                    expect = torch.where(
+                        keep, torch.tensor(on, dtype=m.dtype), torch.tensor(off, dtype=m.dtype)
+                    )
                     if torch.equal(expect, m):
                         if m.dtype == torch.bool:
                             on, off = bool(on), bool(off)
-                        return _oriented(AbstractValue(rank=r, cmps=frozenset({cmp}), on=on, off=off))
+                        return _oriented(
+                            AbstractValue(rank=r, cmps=frozenset({cmp}), on=on, off=off)
+                        )
         return None
 
     # -- helpers --------------------------------------------------------------------------------
@@ -473,11 +531,14 @@ class MaskAnalysis:
         return _oriented(dataclasses.replace(av, on=on, off=off))
 
     def _nary(self, fn: Callable[..., Any], args: Sequence[Any], shp: Any, r: int) -> AbstractValue:
-        avs = [self._align(self.value(a), r) if isinstance(a, fx.Node) else _const(a, r) for a in args]
+        avs = [
+            self._align(self.value(a), r) if isinstance(a, fx.Node) else _const(a, r) for a in args
+        ]
         return self._elementwise(fn, avs, r, shp)
 
-    def _elementwise(self, fn: Callable[..., Any], avs: Sequence[AbstractValue], r: int,
-                     shp: Any) -> AbstractValue:
+    def _elementwise(
+        self, fn: Callable[..., Any], avs: Sequence[AbstractValue], r: int, shp: Any
+    ) -> AbstractValue:
         if any(av.index is not None or av.diff is not None for av in avs):
             return self._flat_union(avs, r, shp)
         cmps = frozenset().union(*(av.cmps for av in avs))
@@ -509,13 +570,17 @@ class MaskAnalysis:
         if outside is None and inside not in (None, "error") and len(cmps) == 1:
             # Data outside, a constant inside: the complement of one comparison is one comparison.
             (c,) = cmps
-            return AbstractValue(rank=r, vary=vary, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}),
-                                 on=None, off=inside[0])
+            return AbstractValue(
+                rank=r, vary=vary, cmps=frozenset({Cmp(c.b, c.a, -c.c - 1)}), on=None, off=inside[0]
+            )
         return self._flat_union(avs, r, shp)
 
     @staticmethod
-    def _outcomes(fn: Callable[..., Any], choices: Sequence[Sequence[Any]],
-                  keep: Callable[[tuple[Any, ...]], bool] | None) -> Any:
+    def _outcomes(
+        fn: Callable[..., Any],
+        choices: Sequence[Sequence[Any]],
+        keep: Callable[[tuple[Any, ...]], bool] | None,
+    ) -> Any:
         """``(value,)`` if ``fn`` is one scalar over every combination (``keep`` filters them),
         ``None`` if it varies, ``"error"`` if it cannot be evaluated."""
         results: set[Any] = set()
@@ -545,7 +610,9 @@ class MaskAnalysis:
             axes = {a for a in axes if a < len(shp) and not G.is_one(shp[a])}
         return AbstractValue(rank=r, vary=frozenset(axes))
 
-    def _position_add(self, a: AbstractValue, b: AbstractValue, r: int, sign: int) -> AbstractValue | None:
+    def _position_add(
+        self, a: AbstractValue, b: AbstractValue, r: int, sign: int
+    ) -> AbstractValue | None:
         a, b = self._align(a, r), self._align(b, r)
         const_b = b.const if b.is_const else None
         const_a = a.const if a.is_const else None
@@ -578,8 +645,10 @@ class MaskAnalysis:
             u, v, off = diff  # value = x[u] - x[v] + off, compared against 0 with `name`
             # x[u] - x[v] + off <= 0  <=>  x[u] - x[v] <= -off, etc.
             rules = {
-                "le": [Cmp(u, v, -off)], "lt": [Cmp(u, v, -off - 1)],
-                "ge": [Cmp(v, u, off)], "gt": [Cmp(v, u, off - 1)],
+                "le": [Cmp(u, v, -off)],
+                "lt": [Cmp(u, v, -off - 1)],
+                "ge": [Cmp(v, u, off)],
+                "gt": [Cmp(v, u, off - 1)],
             }
             if name in rules:
                 return AbstractValue(rank=r, cmps=frozenset(rules[name]), on=True, off=False)

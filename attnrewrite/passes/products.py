@@ -68,16 +68,25 @@ def as_product(node: fx.Node) -> Product | None:
         beta = G.arg(node, "beta", 1)
         if not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)):
             return None
-        return Product(node, b1, b2, "bmk", "bkn", "bmn", float(alpha),
-                       G.arg(node, "self") if beta != 0 else None, float(beta))
+        return Product(
+            node,
+            b1,
+            b2,
+            "bmk",
+            "bkn",
+            "bmn",
+            float(alpha),
+            G.arg(node, "self") if beta != 0 else None,
+            float(beta),
+        )
     a, b = node.args[0], node.args[1]
     ra, rb = G.rank(a), G.rank(b)
     if ra < 2 or rb < 2:
         return None
     out_rank = max(ra, rb)
     batch = "abcdefgh"[: out_rank - 2]
-    lhs = batch[len(batch) - (ra - 2):] + "mk"
-    rhs = batch[len(batch) - (rb - 2):] + "kn"
+    lhs = batch[len(batch) - (ra - 2) :] + "mk"
+    rhs = batch[len(batch) - (rb - 2) :] + "kn"
     return Product(node, a, b, lhs, rhs, batch + "mn")
 
 
@@ -98,7 +107,7 @@ def parse_einsum(equation: str, ranks: list[int]) -> tuple[tuple[str, str], str]
             n = r - (len(part) - 3)
             if ell is None or len(ell) < n:
                 ell = "".join(fresh[:n]) if ell is None or len(ell) < n else ell
-            part = part.replace("...", ell[len(ell) - n:] if n > 0 else "")
+            part = part.replace("...", ell[len(ell) - n :] if n > 0 else "")
         if len(part) != r:
             return None
         expanded.append(part)

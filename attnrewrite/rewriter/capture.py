@@ -1,7 +1,8 @@
 """Capture a model as an ATen-level FX graph with ``torch.export`` (non-strict).
 
 Batch and sequence dimensions (axes 0 and 1 of every tensor input) are exported as ``Dim.AUTO``:
-dynamic where the model allows, specialised where it does not (``torch.export`` decides and we report
+dynamic where the model allows, specialised where it does not (``torch.export`` decides and we
+report
 which). A size-1 example axis is always specialised by ``torch.export``; the report says so.
 """
 
@@ -33,7 +34,7 @@ class Captured:
 
 
 def _auto_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``Dim.AUTO`` on axes 0 and 1 of every tensor input, keyed like ``torch.export`` binds them."""
+    """``Dim.AUTO`` on axes 0 and 1 of every tensor input, keyed as ``torch.export`` binds them."""
     auto = torch.export.Dim.AUTO
 
     def spec(x: Any) -> Any:
@@ -42,8 +43,10 @@ def _auto_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         return None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    return {name: pytree.tree_map(spec, value, is_leaf=lambda x: isinstance(x, torch.Tensor))
-            for name, value in bound.items()}
+    return {
+        name: pytree.tree_map(spec, value, is_leaf=lambda x: isinstance(x, torch.Tensor))
+        for name, value in bound.items()
+    }
 
 
 def check_inputs(args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -59,6 +62,14 @@ def check_inputs(args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any
     return args, dict(kwargs or {})
 
 
+def _private_copy(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program's module with its own parameters and buffers (never the user's tensors)."""
+    with warnings.catch_warnings():
+        # torch's pytree specs warn about a deprecated isinstance check while being deep-copied.
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(program.module())
+
+
 def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool = True) -> Captured:
     """Capture ``model`` (an ``nn.Module``, ``GraphModule`` or ``ExportedProgram``).
 
@@ -66,13 +77,14 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
     never touches ``model``.
     """
     if isinstance(model, torch.export.ExportedProgram):
-        gm = copy.deepcopy(model.module())
+        gm = _private_copy(model)
         a, k = (args, kwargs) if args is not None or kwargs else model.example_inputs or ((), {})
         a, k = check_inputs(a, k)
         return Captured(gm, model, a, k, dynamic=True, notes=["captured from an ExportedProgram"])
     if not isinstance(model, nn.Module):
         raise CaptureError(
-            f"expected an nn.Module, torch.fx.GraphModule or ExportedProgram, got {type(model).__name__}"
+            "expected an nn.Module, torch.fx.GraphModule or ExportedProgram, "
+            f"got {type(model).__name__}"
         )
     args, kwargs = check_inputs(args, kwargs)
     notes: list[str] = []
@@ -84,10 +96,13 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
         for dyn in attempts:
             try:
                 shapes = _auto_dynamic(model, args, kwargs) if dyn else None
-                program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+                program = torch.export.export(
+                    model, args, kwargs, dynamic_shapes=shapes, strict=False
+                )
                 if not dyn and dynamic:
-                    notes.append("captured with static shapes (dynamic capture failed: "
-                                 f"{errors[-1][:160]})")
+                    notes.append(
+                        f"captured with static shapes (dynamic capture failed: {errors[-1][:160]})"
+                    )
                 break
             except Exception as exc:  # noqa: BLE001 - re-raised below with our message on top
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -102,9 +117,13 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
             "inside torch.compile instead: torch.compile(model, backend=attnrewrite.dynamo_backend("
             "'<variant>'))."
         ) from last
-    gm = copy.deepcopy(program.module())
-    if any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
-           for x in pytree.tree_leaves((args, kwargs))):
-        notes.append("the example batch size is 1, so the batch axis was specialised to 1; "
-                     "capture with a batch of 2 or more to keep it dynamic")
+    gm = _private_copy(program)
+    if any(
+        isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
+        for x in pytree.tree_leaves((args, kwargs))
+    ):
+        notes.append(
+            "the example batch size is 1, so the batch axis was specialised to 1; "
+            "capture with a batch of 2 or more to keep it dynamic"
+        )
     return Captured(gm, program, args, kwargs, dynamic=True, notes=notes)

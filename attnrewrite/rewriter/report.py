@@ -10,7 +10,7 @@ from attnrewrite.site import AttentionSite
 
 @dataclasses.dataclass(frozen=True)
 class SiteRow:
-    """What happened to one site: ``status`` is ``"rewritten"`` or ``"skipped"`` (with ``reason``)."""
+    """What happened to one site: ``status`` is ``"rewritten"`` or ``"skipped"`` (``reason``)."""
 
     name: str
     site: AttentionSite
@@ -40,14 +40,21 @@ class Report:
         out = []
         for r in self.sites:
             s = r.site
-            out.append({
-                "site": r.name, "kind": s.kind,
-                "shape": f"H={s.num_heads} kv={s.num_kv_heads} d={s.head_dim} "
-                         f"Nq={s.query_len} Nk={s.key_len}",
-                "mask": str(s.mask), "causal": "yes" if s.causal else "no",
-                "cross": "yes" if s.is_cross else "no", "scale": f"{s.scale:.4g}",
-                "variant": r.variant, "status": r.status, "reason": r.reason,
-            })
+            out.append(
+                {
+                    "site": r.name,
+                    "kind": s.kind,
+                    "shape": f"H={s.num_heads} kv={s.num_kv_heads} d={s.head_dim} "
+                    f"Nq={s.query_len} Nk={s.key_len}",
+                    "mask": str(s.mask),
+                    "causal": "yes" if s.causal else "no",
+                    "cross": "yes" if s.is_cross else "no",
+                    "scale": f"{s.scale:.4g}",
+                    "variant": r.variant,
+                    "status": r.status,
+                    "reason": r.reason,
+                }
+            )
         return out
 
     def to_markdown(self) -> str:
@@ -68,8 +75,9 @@ class Report:
         head = "  ".join(c.ljust(width[c]) for c in cols)
         body = ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
         c = self.counts()
-        summary = (f"{len(rows)} site(s): {c.get('rewritten', 0)} rewritten, "
-                   f"{c.get('skipped', 0)} skipped")
+        summary = (
+            f"{len(rows)} site(s): {c.get('rewritten', 0)} rewritten, {c.get('skipped', 0)} skipped"
+        )
         notes = [f"note: {n}" for n in self.notes]
         return "\n".join([head, "-" * len(head), *body, summary, *notes])
 

@@ -32,8 +32,9 @@ def _prepare(model: Any, args: Any, kwargs: Any) -> tuple[Captured, FindResult]:
     return captured, find_sites(gm)
 
 
-def find_attention(model: Any, args: Any = None, kwargs: Any = None, *,
-                   debug: bool = False) -> list[AttentionSite]:
+def find_attention(
+    model: Any, args: Any = None, kwargs: Any = None, *, debug: bool = False
+) -> list[AttentionSite]:
     """Every softmax-attention site of ``model``, in graph order.
 
     Args:
@@ -87,11 +88,13 @@ class RewrittenModel(nn.Module):
                 raise InputMismatchError(
                     "the rewritten model was called with inputs unlike the captured example: "
                     f"captured {self._example_structure}, got {got}. Call it with the same "
-                    "positional/keyword arguments and tensor ranks as the example passed to rewrite()."
+                    "positional/keyword arguments and tensor ranks as the example passed to "
+                    "rewrite()."
                 ) from exc
             text = str(exc).lower()
             if isinstance(exc, (RuntimeError, AssertionError, ValueError)) and any(
-                    k in text for k in ("shape", "expected input", "guard failed", "size()")):
+                k in text for k in ("shape", "expected input", "guard failed", "size()")
+            ):
                 raise InputMismatchError(
                     f"input shapes outside what was captured: {exc}. Dimensions that were "
                     "specialised at capture (see the report's notes) must keep their example size."
@@ -116,6 +119,7 @@ def _structure(args: Any, kwargs: Any) -> str:
         if isinstance(x, dict):
             return "{" + ", ".join(f"{k}: {one(v)}" for k, v in x.items()) + "}"
         return type(x).__name__
+
     return f"args={one(tuple(args))}, kwargs={one(dict(sorted((kwargs or {}).items())))}"
 
 
@@ -156,9 +160,17 @@ def _check_options(classes: list[type[AttentionVariant]], options: dict[str, Any
         )
 
 
-def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwargs: Any = None, *,
-            sites: SiteSelector = None, seed: int | None = 0, debug: bool = False,
-            **options: Any) -> RewrittenModel:
+def rewrite(
+    model: Any,
+    variant: VariantSpec = "softmax",
+    args: Any = None,
+    kwargs: Any = None,
+    *,
+    sites: SiteSelector = None,
+    seed: int | None = 0,
+    debug: bool = False,
+    **options: Any,
+) -> RewrittenModel:
     """Rewrite every softmax-attention site of ``model`` into ``variant``.
 
     Args:
@@ -181,7 +193,8 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
     if not isinstance(variant, (str, Mapping)):
         raise UnknownVariantError(
             f"variant must be a name or a {{pattern: name}} dict, got {type(variant).__name__}; "
-            f"registered variants: {', '.join(variant_names())}")
+            f"registered variants: {', '.join(variant_names())}"
+        )
     names = [variant] if isinstance(variant, str) else list(dict(variant).values())
     classes = [get_variant(n) for n in names]
     _check_options(classes, options)
@@ -210,7 +223,9 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
     if debug:
         for node, reason in found.rejected:
             print(f"[attnrewrite] {node}: not attention: {reason}")
-    exact = frozenset(m.site.name for m in accepted if getattr(modules[m.site.name], "exact", False))
+    exact = frozenset(
+        m.site.name for m in accepted if getattr(modules[m.site.name], "exact", False)
+    )
     canon = Canonicalize(tuple(accepted), dense_masks=exact)(gm)
     failed = canon.stats["failed"]
     if debug:
@@ -219,8 +234,13 @@ def rewrite(model: Any, variant: VariantSpec = "softmax", args: Any = None, kwar
         _check_parity(model, gm, captured)
     for i, row in enumerate(rows):
         if row.name in failed:
-            rows[i] = SiteRow(row.name, row.site, row.variant, "skipped",
-                              f"could not canonicalise: {failed[row.name]}")
+            rows[i] = SiteRow(
+                row.name,
+                row.site,
+                row.variant,
+                "skipped",
+                f"could not canonicalise: {failed[row.name]}",
+            )
             modules.pop(row.name, None)
     LowerToVariants(modules)(gm)
     removed = dead_code_elimination(gm)
@@ -242,7 +262,9 @@ def _check_parity(model: Any, gm: fx.GraphModule, captured: Captured) -> None:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
             if err > 1e-4:
-                raise AssertionError(f"canonical graph differs from the original: relative error {err:.2e}")
+                raise AssertionError(
+                    f"canonical graph differs from the original: relative error {err:.2e}"
+                )
     print(f"[attnrewrite] debug: canonical graph matches the original ({len(want)} outputs)")
 
 
@@ -251,6 +273,8 @@ def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:
     if match.canonical_problem:
         return match.canonical_problem
     if site.weights_escape:
-        return ("the attention probabilities are used elsewhere (e.g. returned with "
-                "output_attentions); no variant can reproduce them")
+        return (
+            "the attention probabilities are used elsewhere (e.g. returned with "
+            "output_attentions); no variant can reproduce them"
+        )
     return cls.refuse(site)

@@ -65,8 +65,10 @@ def variants() -> dict[str, type[AttentionVariant]]:
     return {name: get_variant(name) for name in variant_names()}
 
 
-def register_variant(cls: type[AttentionVariant], name: str | None = None) -> type[AttentionVariant]:
-    """Register a user's variant class (a subclass of ``AttentionVariant``); usable as a decorator."""
+def register_variant(
+    cls: type[AttentionVariant], name: str | None = None
+) -> type[AttentionVariant]:
+    """Register a user's variant class (an ``AttentionVariant`` subclass); usable as a decorator."""
     if not (isinstance(cls, type) and issubclass(cls, AttentionVariant)):
         raise TypeError(f"register_variant expects an AttentionVariant subclass, got {cls!r}")
     key = name or cls.name

@@ -131,7 +131,9 @@ class AttentionVariant(nn.Module):
 
 def _isinstance_hint(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin is typing.Union or (
+        origin is not None and str(origin) == "<class 'types.UnionType'>"
+    ):
         return any(_isinstance_hint(value, h) for h in typing.get_args(hint))
     if hint is Any:
         return True
@@ -192,8 +194,9 @@ def causal_keep(q_len: int, k_len: int, device: torch.device) -> Tensor:
     return j <= i
 
 
-def combine_mask(mask: Tensor | None, causal: bool, q_len: int, k_len: int,
-                 device: torch.device) -> Tensor | None:
+def combine_mask(
+    mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor | None:
     """One sdpa-style mask equal to ``mask`` with the causal condition folded in (dense)."""
     if not causal:
         return mask

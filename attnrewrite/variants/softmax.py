@@ -39,16 +39,25 @@ class SoftmaxAttention(AttentionVariant):
         return exact_attention(query, key, value, mask, causal, scale, dropout_p)
 
 
-def exact_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None,
-                    causal: bool = False, scale: float = 1.0, dropout_p: float = 0.0) -> Tensor:
+def exact_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+) -> Tensor:
     """Exact softmax attention on canonical tensors (grouped heads repeated, causal folded in)."""
     heads = query.shape[1]
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     if causal and mask is None:
         return F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale)
+            query, key, value, dropout_p=dropout_p, is_causal=True, scale=scale
+        )
     attn_mask = combine_mask(mask, causal, query.shape[-2], key.shape[-2], query.device)
     if attn_mask is not None and attn_mask.dtype.is_floating_point:
         attn_mask = attn_mask.to(query.dtype)
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+    )

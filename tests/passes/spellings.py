@@ -39,7 +39,7 @@ def _x(batch: int, length: int) -> tuple[Any, ...]:
 
 def _x_pad(batch: int, length: int) -> tuple[Any, ...]:
     pad = torch.ones(batch, length, dtype=torch.bool)
-    pad[-1, length // 2:] = False  # True = real token
+    pad[-1, length // 2 :] = False  # True = real token
     return (torch.randn(batch, length, D_MODEL), pad)
 
 
@@ -64,8 +64,11 @@ class Projections(nn.Module):
 
     def qkv(self, x: torch.Tensor, mem: torch.Tensor | None = None):
         mem = x if mem is None else mem
-        return (self.split(self.q(x), HEADS), self.split(self.k(mem), self.kv_heads),
-                self.split(self.v(mem), self.kv_heads))
+        return (
+            self.split(self.q(x), HEADS),
+            self.split(self.k(mem), self.kv_heads),
+            self.split(self.v(mem), self.kv_heads),
+        )
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
         b, h, n, d = out.shape
@@ -111,7 +114,7 @@ def scale_on_k(self, q, k, v):
 
 
 def scale_both_sqrt(self, q, k, v):
-    r = S ** 0.5
+    r = S**0.5
     return ((q * r) @ (k * r).transpose(-1, -2)).softmax(-1) @ v
 
 
@@ -269,7 +272,8 @@ def returns_weights(self, q, k, v):
     return (w @ v) + 0 * w.sum(-1, keepdim=True)  # the weights are used outside the value product
 
 
-# -- look-alikes that are not attention ---------------------------------------------------------------
+# -- look-alikes that are not attention ------------------------------------------------------------
+
 
 def softmax_query_axis(self, q, k, v):
     return (q @ k.transpose(-2, -1) * S).softmax(dim=-2) @ v
@@ -293,7 +297,10 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         logits = self.head(torch.relu(self.body(x)))
-        return torch.softmax(logits, dim=-1) @ torch.randn(5, 3).abs().clamp_min(1) * 0 + logits.softmax(-1).sum()
+        return (
+            torch.softmax(logits, dim=-1) @ torch.randn(5, 3).abs().clamp_min(1) * 0
+            + logits.softmax(-1).sum()
+        )
 
 
 class MoERouter(nn.Module):
@@ -331,6 +338,7 @@ class SimilaritySoftmax(nn.Module):
 
 
 # -- torch.nn modules -----------------------------------------------------------------------------
+
 
 class MHASelf(nn.Module):
     def __init__(self) -> None:
@@ -392,8 +400,12 @@ class DecoderLayer(nn.Module):
         self.layer = nn.TransformerDecoderLayer(D_MODEL, HEADS, 64, dropout=0.0, batch_first=True)
 
     def forward(self, x, mem):
-        return self.layer(x, mem, tgt_is_causal=True,
-                          tgt_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))
+        return self.layer(
+            x,
+            mem,
+            tgt_is_causal=True,
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]),
+        )
 
 
 def _tril(n: int = 64) -> torch.Tensor:
@@ -414,8 +426,13 @@ CASES: list[Case] = [
     Case("finfo_min_key_mask", manual(finfo_min_key_mask), _x_pad, 1, ("key",)),
     Case("masked_fill_key", manual(masked_fill_key), _x_pad, 1, ("key",)),
     Case("where_key", manual(where_key), _x_pad, 1, ("key",)),
-    Case("causal_tril_buffer", manual(causal_tril_buffer, buffers={"tril": _tril()}), _x, 1,
-         ("causal",)),
+    Case(
+        "causal_tril_buffer",
+        manual(causal_tril_buffer, buffers={"tril": _tril()}),
+        _x,
+        1,
+        ("causal",),
+    ),
     Case("causal_triu", manual(causal_triu), _x, 1, ("causal",)),
     Case("causal_positions", manual(causal_positions), _x, 1, ("causal",)),
     Case("causal_and_key", manual(causal_and_key), _x_pad, 1, ("causal+key",)),
@@ -426,13 +443,26 @@ CASES: list[Case] = [
     Case("softmax_dtype_arg", manual(softmax_dtype_arg), _x, 1, ("none",)),
     Case("dropout_eval", manual(dropout_eval), _x, 1, ("none",)),
     Case("stable_max_subtraction", manual(stable_max), _x, 1, ("none",)),
-    Case("gqa_repeat_interleave", manual(gqa_repeat_interleave, kv_heads=2), _x, 1, ("none",),
-         kv_heads=2),
-    Case("gqa_expand_reshape", manual(gqa_expand_reshape, kv_heads=2), _x, 1, ("none",), kv_heads=2),
+    Case(
+        "gqa_repeat_interleave",
+        manual(gqa_repeat_interleave, kv_heads=2),
+        _x,
+        1,
+        ("none",),
+        kv_heads=2,
+    ),
+    Case(
+        "gqa_expand_reshape", manual(gqa_expand_reshape, kv_heads=2), _x, 1, ("none",), kv_heads=2
+    ),
     Case("mqa_broadcast", manual(mqa_broadcast, kv_heads=1), _x, 1, ("none",), kv_heads=1),
     Case("cross_attention", manual(cross_plain), _x_cross, 1, ("none",), cross=True),
-    Case("relative_bias", manual(relative_bias, buffers={"rel": torch.randn(HEADS, 64, 64)}), _x, 1,
-         ("general",)),
+    Case(
+        "relative_bias",
+        manual(relative_bias, buffers={"rel": torch.randn(HEADS, 64, 64)}),
+        _x,
+        1,
+        ("general",),
+    ),
     Case("alibi", manual(alibi), _x, 1, ("general",)),
     Case("sliding_window", manual(sliding_window), _x, 1, ("general",)),
     Case("weights_escape", manual(returns_weights), _x, 1, ("none",), escape=True),

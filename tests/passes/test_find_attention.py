@@ -43,7 +43,9 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
         assert sites[0].scale == pytest.approx(case.scale, rel=1e-6)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites]
+)
 def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "softmax", args=args)
@@ -56,7 +58,9 @@ def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     assert _rel(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites]
+)
 def test_linear_rewrite_takes_kernel_masks_only(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "linear", args=args)

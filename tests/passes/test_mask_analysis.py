@@ -31,12 +31,17 @@ MASKS = {
     "causal_arange": (lambda s, x, pad: pos(x)[1] <= pos(x)[0], "causal"),
     "causal_strict_plus_one": (lambda s, x, pad: pos(x)[1] < pos(x)[0] + 1, "causal"),
     "causal_buffer": (lambda s, x, pad: s.tril[: x.shape[1], : x.shape[1]], "causal"),
-    "causal_and_key": (lambda s, x, pad: (pos(x)[1] <= pos(x)[0]) & pad[:, None, None, :],
-                       "causal+key"),
+    "causal_and_key": (
+        lambda s, x, pad: (pos(x)[1] <= pos(x)[0]) & pad[:, None, None, :],
+        "causal+key",
+    ),
     # Look-alikes that must not be called causal or key-only:
     "anti_causal": (lambda s, x, pad: pos(x)[1] >= pos(x)[0], "general"),
     "causal_shifted": (lambda s, x, pad: pos(x)[1] <= pos(x)[0] + 1, "general"),
-    "causal_or_key": (lambda s, x, pad: (pos(x)[1] <= pos(x)[0]) | pad[:, None, None, :], "general"),
+    "causal_or_key": (
+        lambda s, x, pad: (pos(x)[1] <= pos(x)[0]) | pad[:, None, None, :],
+        "general",
+    ),
     "window": (lambda s, x, pad: (pos(x)[1] - pos(x)[0]).abs() <= 2, "general"),
     "query_padding": (lambda s, x, pad: pad[:, None, :, None], "general"),
     # A user-given (B, N, N) mask is general even if the example is all True.

@@ -45,13 +45,24 @@ def test_linear_matches_dense_reference(causal, mask, heads, kv_heads, length):
     keep = torch.rand(2, 1, length) > 0.3
     keep[..., 0] = True
     bias = torch.randn(2, 1, length)
-    site = make_site(num_heads=heads, num_kv_heads=kv_heads, mask="key" if mask != "none" else "none",
-                     causal=causal)
+    site = make_site(
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        mask="key" if mask != "none" else "none",
+        causal=causal,
+    )
     variant = LinearAttention(site, chunk_size=16)
     m = {"none": None, "bool": keep[:, :, None, :], "additive": bias[:, :, None, :]}[mask]
     out = variant(q, k, v, mask=m, causal=causal, scale=0.25)
-    ref = reference(q, k, v, keep=keep if mask == "bool" else None,
-                    bias=bias if mask == "additive" else None, causal=causal, scale=0.25)
+    ref = reference(
+        q,
+        k,
+        v,
+        keep=keep if mask == "bool" else None,
+        bias=bias if mask == "additive" else None,
+        causal=causal,
+        scale=0.25,
+    )
     assert _rel(out, ref) <= 1e-5
 
 

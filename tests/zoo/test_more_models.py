@@ -12,31 +12,56 @@ import attnrewrite as ar
 T = pytest.importorskip("transformers", reason="needs the dev extra")
 
 V = 99
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             vocab_size=V)
+SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V
+)
 
 MODELS = {
     # name: (config factory, extra kwargs, expected masks, kv heads, softmax-rewritable)
-    "falcon": (lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      vocab_size=V), {"use_cache": False},
-               ["causal+key"] * 2, 1, True),
-    "gemma2": (lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=8, **SMALL),
-               {"use_cache": False}, None, 2, False),
-    "mistral": (lambda: T.MistralConfig(num_key_value_heads=2, **SMALL), {"use_cache": False},
-                ["general"] * 2, 2, True),
+    "falcon": (
+        lambda: T.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=V
+        ),
+        {"use_cache": False},
+        ["causal+key"] * 2,
+        1,
+        True,
+    ),
+    "gemma2": (
+        lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=8, **SMALL),
+        {"use_cache": False},
+        None,
+        2,
+        False,
+    ),
+    "mistral": (
+        lambda: T.MistralConfig(num_key_value_heads=2, **SMALL),
+        {"use_cache": False},
+        ["general"] * 2,
+        2,
+        True,
+    ),
     "deberta-v2": (lambda: T.DebertaV2Config(**SMALL), {}, ["general"] * 2, 4, True),
     "mpnet": (lambda: T.MPNetConfig(**SMALL), {}, ["general"] * 2, 4, True),
-    "gpt_neox": (lambda: T.GPTNeoXConfig(**SMALL), {"use_cache": False}, ["causal+key"] * 2, 4,
-                 True),
+    "gpt_neox": (
+        lambda: T.GPTNeoXConfig(**SMALL),
+        {"use_cache": False},
+        ["causal+key"] * 2,
+        4,
+        True,
+    ),
 }
 
 
 def _inputs(batch: int, n: int, extra: dict) -> dict:
     g = torch.Generator().manual_seed(batch * 100 + n)
     mask = torch.ones(batch, n, dtype=torch.long)
-    mask[-1, n - 3:] = 0
-    return {"input_ids": torch.randint(3, V, (batch, n), generator=g), "attention_mask": mask,
-            **extra}
+    mask[-1, n - 3 :] = 0
+    return {
+        "input_ids": torch.randint(3, V, (batch, n), generator=g),
+        "attention_mask": mask,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
