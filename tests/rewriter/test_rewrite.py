@@ -128,3 +128,18 @@ def test_unknown_option_and_variant_errors() -> None:
         ar.rewrite(model, "linear", args=args, window=3)
     with pytest.raises(ar.UnknownVariantError, match="registered variants: softmax, linear"):
         ar.rewrite(model, "nonesuch", args=args)
+
+
+def test_emitted_factories_name_the_device() -> None:
+    """Tensors the rewrite creates (positions, fill scalars) are placed on the model's device, so a
+    model rewritten on a GPU does not mix devices (found on CUDA with Llama)."""
+    pytest.importorskip("transformers")
+    from attnrewrite.passes import graph as G
+    from tests.zoo.hf_models import ZOO
+
+    zm = next(z for z in ZOO if z.name == "llama")
+    rw = ar.rewrite(zm.build("eager"), "linear", kwargs=zm.inputs())
+    created = [n for n in rw.graph_module.graph.nodes
+               if G.op_name(n) in ("arange", "scalar_tensor") and "nn_module_stack" not in n.meta]
+    assert created, "the causal+key rewrite builds its key row from positions"
+    assert all(n.kwargs.get("device") == torch.device("cpu") for n in created)
