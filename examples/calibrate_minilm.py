@@ -226,9 +226,15 @@ def main() -> None:
     parser.add_argument("--calibration-paragraphs", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=128,
                         help="held-out sentences (and a quarter as many paragraphs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (see the note in main)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     options = parser.parse_args()
 
+    # On a small machine shared with other processes, one intra-op thread ran the calibration
+    # steps 7x faster than two: with every core busy, OpenMP threads wait for each other at every
+    # small op. On a dedicated machine, pass --threads with the core count.
+    torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     encoder, tokenizer = load_encoder()
     text = stdlib_text(tokenizer)

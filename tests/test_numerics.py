@@ -26,7 +26,7 @@ from tests.variants.conftest import make_site
 
 BATCH, HEADS, KV_HEADS, LENGTH, HEAD_DIM = 2, 4, 2, 24, 16
 HALF = [torch.float16, torch.bfloat16]
-VARIANTS = variant_names()
+VARIANTS = variant_names(builtin_only=True)  # not variants other tests register
 #: Options a variant cannot do without (everything else keeps its defaults).
 REQUIRED_OPTIONS = {"kernel": {"feature_map": lambda x: F.elu(x) + 1.0}}
 
@@ -185,6 +185,9 @@ def test_softmax_rewrite_of_a_fully_padded_sequence_matches_the_original(
 
 
 def test_numerics_cover_every_registered_variant() -> None:
-    """The parametrisation is the registry: a new variant is covered without editing this file."""
-    assert set(VARIANTS) == set(ar.variants())
+    """The parametrisation is the built-in registry: a new variant is covered without editing this
+    file (variants other tests register at run time are theirs to check)."""
+    from attnrewrite.variants import _TABLE
+
+    assert set(VARIANTS) == set(_TABLE) and set(VARIANTS) <= set(ar.variants())
     assert {"softmax", "linear"} <= set(VARIANTS)

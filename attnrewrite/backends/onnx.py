@@ -411,6 +411,7 @@ def export_onnx(model: Any, path: str | Path, args: Any = None, kwargs: Any = No
             "ONNX translation for; pass a different opset= or report it.") from exc
 
     _make_runtime_compatible(onnx_program.model)
+    _rename_shadowed_values(onnx_program.model)
     fusions = None
     if optimize_original:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -445,6 +446,24 @@ def export_onnx(model: Any, path: str | Path, args: Any = None, kwargs: Any = No
     # With optimize_original the checker has no schema for ONNX Runtime's contrib operators (some,
     # like SimplifiedLayerNormalization, even sit in the default domain); ORT itself checks them.
     return _export_record(path, proto, output_names, fusions, external)
+
+
+def _rename_shadowed_values(model: Any) -> None:
+    """Rename node outputs that carry a graph input's name.
+
+    Graph inputs are named after the model's arguments; an internal value can end up with the same
+    name (a model argument called ``pad`` and the ``pad`` a variant computes), which breaks ONNX's
+    single-assignment rule. Internal names are free to change.
+    """
+    taken = {v.name for v in model.graph.inputs}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in taken and value not in model.graph.outputs:
+                k = 1
+                while f"{value.name}__{k}" in taken:
+                    k += 1
+                value.name = f"{value.name}__{k}"
+                taken.add(value.name)
 
 
 def _export_record(path: Path, proto: Any, output_names: list[str], fusions: dict[str, int] | None,

@@ -399,8 +399,9 @@ def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: S
                 if not torch.isfinite(value):
                     raise CalibrationDivergedError(
                         f"calibration of site '{site.name}' ({site.variant}) stopped at step "
-                        f"{step + 1}: the loss is {float(value)}. Every parameter was restored; "
-                        f"try a smaller lr (it was {lr:g})", site=site.name, step=step + 1)
+                        f"{step + 1}: the loss is {float(value.detach())}. Every parameter was "
+                        f"restored; try a smaller lr (it was {lr:g})", site=site.name,
+                        step=step + 1)
                 value.backward()
                 losses.append(float(value.detach()))
             site.seconds += time.perf_counter() - tick
@@ -466,8 +467,8 @@ def _train_end_to_end(model: RewrittenModel, trainable: list[nn.Parameter], batc
         if not torch.isfinite(value):
             raise CalibrationDivergedError(
                 f"the end-to-end step stopped at step {step + 1}: the model-output loss is "
-                f"{float(value)}. Every parameter was restored; try a smaller lr (the end-to-end "
-                f"step used {lr:g})", site="end-to-end", step=step + 1)
+                f"{float(value.detach())}. Every parameter was restored; try a smaller lr (the "
+                f"end-to-end step used {lr:g})", site="end-to-end", step=step + 1)
         value.backward()
         optimizer.step()
         done += 1

@@ -39,7 +39,10 @@ def _load(spec: str) -> type[AttentionVariant]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def variant_names() -> list[str]:
+def variant_names(*, builtin_only: bool = False) -> list[str]:
+    """Registered names: the built-in table in order, then users' own (unless ``builtin_only``)."""
+    if builtin_only:
+        return list(_TABLE)
     return [*_TABLE, *(n for n in _USER if n not in _TABLE)]
 
 

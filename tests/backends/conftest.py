@@ -96,7 +96,7 @@ def variant_params(fast: tuple[str, ...] = (), known_failures: dict[str, str] | 
     expected to fail (not strictly: a site the variant refuses passes) when in ``known_failures``.
     """
     params = []
-    for name in variant_names():
+    for name in variant_names(builtin_only=True):
         marks = [] if name in fast else [pytest.mark.slow]
         if known_failures and name in known_failures:
             marks.append(pytest.mark.xfail(reason=known_failures[name], strict=False))

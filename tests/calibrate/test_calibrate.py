@@ -55,6 +55,16 @@ class LearnedTemperature(ar.AttentionVariant):
 ar.register_variant(LearnedTemperature)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Calibration steps on these tiny tensors are a few small ops each; on a busy machine two
+    # OpenMP threads spend far longer waiting for each other than computing (30x here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def peaked_bert() -> nn.Module:
     model = BERT.build("eager")
