@@ -45,8 +45,9 @@ class AttentionVariant(nn.Module):
     name: ClassVar[str] = ""
     #: Mask classes the variant reproduces exactly.
     mask_classes: ClassVar[frozenset[MaskClass]] = KERNEL_MASK_CLASSES
-    #: Whether the variant can be causal (j <= i).
+    #: Whether the variant can be causal (j <= i), and if not, why (said in the report).
     supports_causal: ClassVar[bool] = True
+    why_not_causal: ClassVar[str] = ""
     #: Whether the variant accepts Nq != Nk and keys from another sequence.
     supports_cross: ClassVar[bool] = True
     #: Whether the variant computes exactly what the original softmax attention computes.
@@ -64,14 +65,14 @@ class AttentionVariant(nn.Module):
     @classmethod
     def refuse(cls, site: AttentionSite) -> str | None:
         """Return why this variant cannot keep ``site``'s meaning, or ``None`` if it can."""
+        if site.causal and not cls.supports_causal:
+            return cls.why_not_causal or f"'{cls.name}' is not causal; the site is"
         if site.mask not in cls.mask_classes:
             accepted = ", ".join(sorted(str(m) for m in cls.mask_classes))
             return (
                 f"mask class '{site.mask}' is not representable by '{cls.name}' "
                 f"(it keeps {accepted})"
             )
-        if site.causal and not cls.supports_causal:
-            return f"'{cls.name}' is not causal; the site is"
         if site.is_cross and not cls.supports_cross:
             return f"'{cls.name}' does not support cross-attention"
         return None

@@ -109,6 +109,10 @@ class LinformerAttention(AttentionVariant):
     name: ClassVar[str] = "linformer"
     mask_classes: ClassVar[frozenset[MaskClass]] = frozenset({MaskClass.NONE, MaskClass.KEY})
     supports_causal: ClassVar[bool] = False
+    why_not_causal: ClassVar[str] = (
+        "'linformer' is not causal: each projected key and value mixes all positions, "
+        "future ones included; use a causal variant (local, linear, performer)"
+    )
     Options: ClassVar[type] = LinformerOptions
 
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
@@ -129,15 +133,6 @@ class LinformerAttention(AttentionVariant):
         init = segment_means(self.projected_len, self.max_len)
         self.key_projection = nn.Parameter(init.clone())
         self.value_projection = nn.Parameter(init.clone())
-
-    @classmethod
-    def refuse(cls, site: AttentionSite) -> str | None:
-        if site.causal:
-            return (
-                "'linformer' is not causal: each projected key and value mixes all positions, "
-                "future ones included; use a causal variant (local, linear, performer)"
-            )
-        return super().refuse(site)
 
     def forward(
         self,

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from attnrewrite.site import AttentionSite, MaskClass
+from attnrewrite.site import MaskClass
 from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
 from attnrewrite.variants.blockwise import safe_softmax
 from attnrewrite.variants.linformer import pooled_key_bias
@@ -83,16 +83,11 @@ class NystromAttention(AttentionVariant):
     name: ClassVar[str] = "nystrom"
     mask_classes: ClassVar[frozenset[MaskClass]] = frozenset({MaskClass.NONE, MaskClass.KEY})
     supports_causal: ClassVar[bool] = False
+    why_not_causal: ClassVar[str] = (
+        "'nystrom' is not causal: its landmarks average over the whole sequence, future "
+        "positions included; use a causal variant (local, linear, performer)"
+    )
     Options: ClassVar[type] = NystromOptions
-
-    @classmethod
-    def refuse(cls, site: AttentionSite) -> str | None:
-        if site.causal:
-            return (
-                "'nystrom' is not causal: its landmarks average over the whole sequence, future "
-                "positions included; use a causal variant (local, linear, performer)"
-            )
-        return super().refuse(site)
 
     def forward(
         self,
