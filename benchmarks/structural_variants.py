@@ -16,9 +16,9 @@ builds the inputs and the variant, runs a warm-up call at a short length, then m
 - time: the median of ``--repeats`` forward calls after one warm-up call at N.
 
 It then fits log(peak memory) against log(N) by least squares: the slope is ~1 for memory linear in
-N (local, Longformer, BigBird, Linformer, Nyström; fused SDPA on CPU too) and ~1.5 for the Sparse
-Transformer patterns with stride/block l ≈ √N. The Synthesizer is left out by default: its
-``random`` logits alone are H·max_len² parameters (O(N²) by design).
+N (local, Longformer, BigBird, Linformer, Nyström, the hedgehog+window hybrid; fused SDPA on CPU
+too) and ~1.5 for the Sparse Transformer patterns with stride/block l ≈ √N. The Synthesizer is left
+out by default: its ``random`` logits alone are H·max_len² parameters (O(N²) by design).
 
 Usage:
     python benchmarks/structural_variants.py   # N = 1K ... 16K, Markdown to stdout
@@ -53,7 +53,10 @@ VARIANTS = [
     "bigbird",
     "linformer",
     "nystrom",
+    "hedgehog+window",
 ]
+#: Configurations benchmarked under a label: label -> registered variant (options below).
+LABELLED = {"hedgehog+window": "hedgehog"}
 #: Expected memory slope per variant (log-log), for the summary table.
 EXPECTED_SLOPE = {"sparse_strided": 1.5, "sparse_fixed": 1.5}
 
@@ -69,6 +72,8 @@ def variant_options(name: str, length: int) -> dict:
         "bigbird": {"window": 64, "global_tokens": 64, "num_random": 3, "block_size": 64},
         "linformer": {"k": 256, "max_len": length},
         "nystrom": {"num_landmarks": 64},
+        # The LoLCATs hybrid: Longformer's exact window and global tokens, Hedgehog elsewhere.
+        "hedgehog+window": {"window": 64, "global_tokens": 16},
     }.get(name, {})
 
 
@@ -93,7 +98,8 @@ def make_attention(name: str, length: int, heads: int, head_dim: int) -> Callabl
         query_len=length,
         key_len=length,
     )
-    module = get_variant(name)(site, seed=0, **variant_options(name, length)).eval()
+    variant = get_variant(LABELLED.get(name, name))
+    module = variant(site, seed=0, **variant_options(name, length)).eval()
     return lambda q, k, v: module(q, k, v, scale=scale)
 
 

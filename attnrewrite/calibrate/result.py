@@ -20,6 +20,8 @@ class SiteCalibration:
         error_after: the same after calibration.
         steps: optimiser steps the site took.
         seconds: time spent on the site's forward and backward passes.
+        reverted: the per-site step ended with a higher error than it started from, so the
+            site's parameters were put back as they were (``error_after`` is then theirs).
     """
 
     site: str
@@ -28,6 +30,7 @@ class SiteCalibration:
     error_after: float
     steps: int
     seconds: float
+    reverted: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,9 @@ class EndToEndCalibration:
     error_after: float
     steps: int
     seconds: float
+    #: The step made the model-output error worse on the calibration set, so the parameters were
+    #: put back as the per-site step left them (``error_after`` is then the error they give).
+    reverted: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,7 @@ class CalibrationResult:
         return [{
             "site": r.site, "variant": r.variant,
             "error before": f"{r.error_before:.3g}", "error after": f"{r.error_after:.3g}",
-            "reduction": _reduction(r.error_before, r.error_after),
+            "reduction": "reverted" if r.reverted else _reduction(r.error_before, r.error_after),
             "steps": str(r.steps), "seconds": f"{r.seconds:.1f}",
         } for r in self.rows]
 
@@ -77,7 +83,9 @@ class CalibrationResult:
         if e2e is not None:
             lines.append(
                 f"end-to-end: model-output relative MSE {e2e.error_before:.3g} -> "
-                f"{e2e.error_after:.3g} in {e2e.steps} step(s), {e2e.seconds:.1f} s")
+                f"{e2e.error_after:.3g} in {e2e.steps} step(s), {e2e.seconds:.1f} s"
+                + ("; it made the error worse, so the parameters were reverted to the per-site "
+                   "step's" if e2e.reverted else ""))
         return lines
 
     def to_markdown(self) -> str:

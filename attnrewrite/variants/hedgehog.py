@@ -8,11 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from attnrewrite.site import AttentionSite
-from attnrewrite.variants.kernel import FeatureMapAttention
-from attnrewrite.variants.t2r import LearnedMapOptions
+from attnrewrite.variants.learned import LearnedMapAttention, LearnedMapOptions
 
 
-class HedgehogAttention(FeatureMapAttention):
+class HedgehogAttention(LearnedMapAttention):
     """Hedgehog: Zhang, Bhatia, Kumbong, Ré, "The Hedgehog & the Porcupine: Expressive Linear
     Attentions with Softmax Mimicry", ICLR 2024, arXiv:2402.04347.
 
@@ -29,6 +28,11 @@ class HedgehogAttention(FeatureMapAttention):
     grouped key/value heads. Parameters: ``query_weight`` (H, m, d), ``key_weight`` (Hkv, m, d).
     Options: ``feature_dim`` m (default d; 2m features), ``chunk_size``. Cost: time
     O(N·m·(d + dv)); memory O(N·m + m·dv) non-causal, O(N·(m + C) + m·dv·N/C) causal.
+
+    With ``window`` w > 0 (and optionally ``global_tokens``), the LoLCATs hybrid (Zhang et al.,
+    ICLR 2025, arXiv:2410.10254) of :mod:`attnrewrite.variants.hybrid`: exact softmax weights
+    within w positions (block-aligned), the Hedgehog kernel elsewhere, and one more parameter
+    ``log_gain`` (H,); time O(N·w·(d + m)), still linear in N.
     """
 
     name: ClassVar[str] = "hedgehog"
@@ -50,3 +54,4 @@ class HedgehogAttention(FeatureMapAttention):
         self, query: Tensor, key: Tensor, weights: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         return self._map(query, self.query_weight), self._map(key, self.key_weight)
+

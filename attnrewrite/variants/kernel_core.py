@@ -92,6 +92,25 @@ def kernel_attention(
     Raises:
         ValueError: ``log_decay`` without ``causal`` (a decay needs an order of positions).
     """
+    num, den = kernel_sums(phi_q, phi_k, value, key_weights=key_weights, causal=causal,
+                           chunk_size=chunk_size, log_decay=log_decay)
+    return num / den.clamp_min(eps).unsqueeze(-1)
+
+
+def kernel_sums(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    value: Tensor,
+    *,
+    key_weights: Tensor | None = None,
+    causal: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    log_decay: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The numerator Σ_j A_ij v_j (B, H, Nq, dv) and normaliser Σ_j A_ij (B, H, Nq) of
+    :func:`kernel_attention` (same arguments), before the division: for variants that add other
+    terms to both (a sliding window of exact scores, see :mod:`attnrewrite.variants.hybrid`).
+    """
     if log_decay is not None and not causal:
         raise ValueError("log_decay (gated recency) needs causal=True: it decays along positions")
     acc = compute_dtype(phi_q.dtype)
@@ -102,14 +121,17 @@ def kernel_attention(
         value = value.repeat_interleave(kv_heads // value.shape[1], dim=1)
     q = _group(phi_q, kv_heads)  # (B, Hkv, G, Nq, m)
     if not causal:
-        return _non_causal(q, phi_k, value, eps).flatten(1, 2)
-    if log_decay is not None:
-        log_decay = _match_heads(log_decay.to(acc), kv_heads)
-    return _causal_chunked(q, phi_k, value, chunk_size, eps, log_decay).flatten(1, 2)
+        num, den = _non_causal(q, phi_k, value)
+    else:
+        if log_decay is not None:
+            log_decay = _match_heads(log_decay.to(acc), kv_heads)
+        num, den = _causal_chunked(q, phi_k, value, chunk_size, log_decay)
+    return num.flatten(1, 2), den.flatten(1, 2)
 
 
-def _non_causal(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
-    """q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv) -> (B, Hkv, G, Nq, dv)."""
+def _non_causal(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv) -> numerator
+    (B, Hkv, G, Nq, dv) and normaliser (B, Hkv, G, Nq)."""
     b, h, g, q_len, m = q.shape
     q = q.reshape(b, h, g * q_len, m)  # the group's queries share their key/value head's state
     state = torch.matmul(k.transpose(-1, -2), v)  # (B, Hkv, m, dv)
@@ -117,15 +139,16 @@ def _non_causal(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     # ones column on V (a copy of V): Inductor fuses the query side into the kernel that divides,
     # leaving one extra read of φ(K) for Σ_j φ(k_j).
     norm = k.sum(dim=-2)  # (B, Hkv, m)
-    den = (q * norm.unsqueeze(-2)).sum(dim=-1, keepdim=True)
-    out = torch.matmul(q, state) / den.clamp_min(eps)
-    return out.reshape(b, h, g, q_len, v.shape[-1])
+    den = (q * norm.unsqueeze(-2)).sum(dim=-1)
+    num = torch.matmul(q, state)
+    return num.reshape(b, h, g, q_len, v.shape[-1]), den.reshape(b, h, g, q_len)
 
 
 def _causal_chunked(
-    q: Tensor, k: Tensor, v: Tensor, chunk: int, eps: float, log_decay: Tensor | None = None
-) -> Tensor:
-    """Causal kernel attention, chunked.
+    q: Tensor, k: Tensor, v: Tensor, chunk: int, log_decay: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Causal kernel attention, chunked: numerator (B, Hkv, G, Nq, dv) and normaliser
+    (B, Hkv, G, Nq).
 
     q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv); log_decay: (B|1, Hkv|1, Nk).
     """
@@ -163,11 +186,10 @@ def _causal_chunked(
         carried, decay = _decayed_prefix(qc, kc, vc, log_decay, keep, (b * h, g, chunk))
         scores = scores * decay.unsqueeze(1)
     # Inside a chunk: the exact lower-triangular product.
-    out = carried + torch.bmm(scores.flatten(1, 2), vc)
-    out = out[..., :dv] / out[..., dv:].clamp_min(eps)  # (C#·B·Hkv, G·C, dv)
+    out = carried + torch.bmm(scores.flatten(1, 2), vc)  # (C#·B·Hkv, G·C, dv+1)
     out = out.unflatten(0, (-1, b, h)).unflatten(3, (g, chunk)).permute(1, 2, 3, 0, 4, 5)
-    out = out.contiguous().flatten(3, 4)  # (B, Hkv, G, C#·C, dv)
-    return F.pad(out, (0, 0, 0, q_len - padded))
+    out = F.pad(out.contiguous().flatten(3, 4), (0, 0, 0, q_len - padded))  # (B, Hkv, G, Nq, ·)
+    return out[..., :dv], out[..., dv]
 
 
 def _chunk_first(x: Tensor, chunk: int) -> Tensor:

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from attnrewrite.site import AttentionSite
-from attnrewrite.variants.kernel import FeatureMapAttention, KernelOptions
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnedMapOptions(KernelOptions):
-    """Options of the learned feature maps (``t2r``, ``hedgehog``)."""
-
-    feature_dim: int | None = None
-
-    def check(self) -> str | None:
-        if self.feature_dim is not None and self.feature_dim <= 0:
-            return f"feature_dim must be positive, got {self.feature_dim}"
-        return super().check()
+from attnrewrite.variants.learned import LearnedMapAttention, LearnedMapOptions
 
 
 def per_query_head(weight: Tensor, query_heads: int) -> Tensor:
@@ -29,7 +16,7 @@ def per_query_head(weight: Tensor, query_heads: int) -> Tensor:
     return weight.repeat_interleave(query_heads // weight.shape[0], dim=0)
 
 
-class T2RAttention(FeatureMapAttention):
+class T2RAttention(LearnedMapAttention):
     """Transformer-to-RNN (T2R): Kasai, Peng, Zhang, Yogatama, Ilharco, Pappas, Mao, Chen, Smith,
     "Finetuning Pretrained Transformers into RNNs", EMNLP 2021, arXiv:2103.13076.
 
@@ -47,6 +34,10 @@ class T2RAttention(FeatureMapAttention):
     grouped key/value heads. Parameters: ``weight`` (Hkv, m, d), ``bias`` (Hkv, m). Options:
     ``feature_dim`` m (default d), ``chunk_size``. Cost: time O(N·m·(d + dv)); memory
     O(N·m + m·dv) non-causal, O(N·(m + C) + m·dv·N/C) causal.
+
+    With ``window`` w > 0 (and optionally ``global_tokens``), the LoLCATs hybrid of
+    :mod:`attnrewrite.variants.hybrid`: exact softmax weights within w positions (block-aligned),
+    the learned kernel elsewhere, and one more parameter ``log_gain`` (H,); time O(N·w·(d + m)).
     """
 
     name: ClassVar[str] = "t2r"

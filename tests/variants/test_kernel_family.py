@@ -22,6 +22,7 @@ from torch.export import Dim
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.variants import get_variant
 from attnrewrite.variants.base import AttentionVariant
+from attnrewrite.variants.hybrid import dense_window_kernel_reference
 from attnrewrite.variants.kernel import FeatureMapAttention
 from attnrewrite.variants.kernel_core import dense_kernel_reference, init_state, step
 
@@ -118,6 +119,7 @@ class Variant:
     features: Callable | None = None  # (variant, q, k) -> (φq, φk); None: cosFormer's formula
     perturb: bool = False  # jitter parameters so per-head mappings are actually tested
     causal_only: bool = False
+    window: bool = False  # the LoLCATs hybrid (an exact sliding window): no recurrent step
 
     def build(self, site, seed: int = 0, chunk: int = CHUNK) -> AttentionVariant:
         variant = get_variant(self.name)(site, seed=seed, chunk_size=chunk, **self.options())
@@ -137,6 +139,13 @@ VARIANTS = {
     "cosformer": Variant("cosformer", dict, None),
     "t2r": Variant("t2r", dict, _ref_t2r, perturb=True),
     "hedgehog": Variant("hedgehog", dict, _ref_hedgehog, perturb=True),
+    "t2r_window": Variant(
+        "t2r", lambda: {"window": 8, "global_tokens": 2}, _ref_t2r, perturb=True, window=True
+    ),
+    "hedgehog_window": Variant(
+        "hedgehog", lambda: {"window": 5, "feature_dim": 12}, _ref_hedgehog, perturb=True,
+        window=True,
+    ),
 }
 
 
@@ -161,6 +170,16 @@ def _reference(row: Variant, variant, q, k, v, weights, causal, scale) -> Tensor
             phi_q, phi_k, v, key_weights=admit, causal=True, log_decay=log_decay
         )
     phi_q, phi_k = row.features(variant, q, k)
+    if row.window:
+        # q and k already carry √scale each.
+        return dense_window_kernel_reference(
+            q, k, v, phi_q, phi_k, window=variant.options.window,
+            global_tokens=variant.options.global_tokens,
+            query_log_gain=variant.log_gain.detach().double()[:, None]
+            + torch.einsum("bhnd,hd->bhn", q, variant.query_gate.detach().double()),
+            key_log_gain=torch.einsum("bhnd,hd->bhn", k, variant.key_gate.detach().double()),
+            key_weights=weights, causal=causal,
+        )
     return dense_kernel_reference(phi_q, phi_k, v, key_weights=weights, causal=causal)
 
 
@@ -242,6 +261,14 @@ def test_matches_dense_reference_of_its_kernel(vname: str, sname: str, site_fact
     out = variant(q, k, v, mask=mask, causal=sc.causal, scale=scale)
     ref = _reference(row, variant, q, k, v, weights, sc.causal, scale)
     assert out.shape == (2, sc.heads, sc.q_len, HEAD_DIM) and out.dtype == torch.float32
+    if row.window:
+        # The hybrid's far part is the whole kernel sum minus its in-window terms: in float32 that
+        # difference loses digits when the window holds most of the kernel mass. In float64 the
+        # same code meets the tight bound, so the definition itself is exact.
+        assert _relative_error(out, ref) <= 1e-4
+        out = variant.double()(q.double(), k.double(), v.double(),
+                               mask=mask if mask is None or mask.dtype == torch.bool
+                               else mask.double(), causal=sc.causal, scale=scale)
     assert _relative_error(out, ref) <= 1e-5
 
 
@@ -267,7 +294,9 @@ def _scaled_features(variant, q, k, scale):
     return variant.feature_maps(q * root, k * root, None)
 
 
-@pytest.mark.parametrize("vname", [n for n, row in VARIANTS.items() if not row.causal_only])
+@pytest.mark.parametrize(
+    "vname", [n for n, row in VARIANTS.items() if not (row.causal_only or row.window)]
+)
 def test_step_over_sequence_equals_causal_forward(vname: str, site_factory) -> None:
     sc = Scenario(kv_heads=2, q_len=21, k_len=21, causal=True)
     variant = VARIANTS[vname].build(_site(sc, site_factory))
@@ -343,6 +372,9 @@ BAD_OPTIONS = [
     ("t2r", {"feature_dim": 2.5}),
     ("t2r", {"feature_dim": 0}),
     ("hedgehog", {"feature_dim": "8"}),
+    ("hedgehog", {"window": -1}),
+    ("t2r", {"global_tokens": 1}),
+    ("t2r", {"window": 4, "global_tokens": -2}),
     ("kernel", {"feature_map": 3}),
     ("kernel", {}),
 ]

@@ -1,0 +1,196 @@
+"""Sliding-window + kernel attention: exact softmax scores near each query, a feature map elsewhere.
+
+The hybrid of LoLCATs (Zhang, Arora, Chalamala, Wu, Spector, Singhal, Ramesh, Ré,
+"LoLCATs: On Low-Rank Linearizing of Large Language Models", ICLR 2025, arXiv:2410.10254):
+pretrained attention is spiky near the diagonal (and on a few global tokens) and diffuse far from
+it, so the near keys keep their softmax weights and only the far keys are approximated. For query i
+with exact region E(i):
+
+    A_ij = w_j · exp(s_ij − c_i)           for j ∈ E(i)   (s_ij = q_i·k_j·scale)
+    A_ij = γ_i · δ_j · w_j · φ(q_i)·ψ(k_j)  otherwise      (causal: j <= i)
+    out_i = Σ_j A_ij v_j / Σ_j A_ij
+
+where c_i = max s_ij over the allowed keys of E(i) (w_j > 0), w_j the per-key weights of a
+key-only mask (so both parts scale alike with them), and γ_i, δ_j > 0 gains of the far part per
+query and per key. The window's scale is fixed by c_i, the features' by their own normalisation;
+the gains relate the two. The learned-map variants (:mod:`attnrewrite.variants.learned`) learn
+log γ_i = g_h + u_h·q_i and log δ_j = v_h·k_j, all starting at 0: the key gain lets a far key
+that every query attends to (BERT's [SEP], an "attention sink") weigh more than normalised
+features allow, as softmax's exp(q̄·k_j) factor does. (Tried on MiniLM and left out: putting the
+far part on the window's scale instead, with unnormalised exponential features times exp(−c_i);
+from the same start it trained far worse, per-site errors 0.08–0.27 against 0.02–0.05.)
+
+E(i) is block-aligned so that it is computed in blocks without an N×N tensor: with blocks of
+``window`` positions, query i in block p = ⌊i / window⌋ keeps the keys of blocks p − 1, p, p + 1
+(causal: p − 1 and p, j <= i), so every key within ``window`` positions of i is exact (and some
+up to 2·window − 1 away), plus keys 0 .. ``global_tokens`` − 1 for every query. The far part is
+the whole kernel sum minus its terms inside E(i) (computed on the gathered block pairs), so it costs
+one kernel pass: time O(N·window·(d + m) + N·m·dv), memory O(N·window + m·dv).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnrewrite.variants.base import compute_dtype
+from attnrewrite.variants.blockwise import band_segment, block_queries, padded_count
+from attnrewrite.variants.kernel_core import _match_heads, kernel_sums
+
+
+def window_kernel_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    phi_q: Tensor,
+    phi_k: Tensor,
+    *,
+    window: int,
+    global_tokens: int = 0,
+    query_log_gain: Tensor,
+    key_log_gain: Tensor | None = None,
+    key_weights: Tensor | None = None,
+    causal: bool = False,
+    scale: float = 1.0,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Hybrid attention (see the module docstring).
+
+    Args:
+        query: (B, H, Nq, d); key: (B, Hkv, Nk, d); value: (B, Hkv, Nk, dv), H % Hkv == 0.
+        phi_q: (B, H, Nq, m) and phi_k: (B, Hkv, Nk, m): non-negative features of q and k.
+        window: block length (>= 1) of the exact region.
+        global_tokens: keys 0 .. global_tokens − 1 are exact for every query.
+        query_log_gain: log of the far part's gain per query, broadcastable to (B, H, Nq).
+        key_log_gain: (B, Hkv, Nk) log of the far part's gain per key, or None.
+        key_weights: (B|1, 1|Hkv|H, Nk) non-negative per-key weights, or None.
+        causal: restrict key j to j <= i.
+        scale: factor on q·k in the exact region.
+        chunk_size: chunk of the causal kernel pass.
+        eps: the normaliser is clamped to at least ``eps`` (rows with no allowed key give 0).
+
+    Returns:
+        (B, H, Nq, dv) in float32 for half inputs, else the input dtype.
+    """
+    acc = compute_dtype(query.dtype)
+    query, key, value = query.to(acc), key.to(acc), value.to(acc)
+    phi_q, phi_k = phi_q.to(acc), phi_k.to(acc)
+    heads, q_len = query.shape[1], query.shape[2]
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    device = query.device
+
+    # The exact region, gathered per query block: (G, b) queries against (G, K) key positions.
+    q_pos = block_queries(q_len, window, device)
+    band = band_segment(padded_count(q_len, window), window, 1, 0 if causal else 1, device)
+    k_pos = band.positions
+    i, j = q_pos[:, :, None], k_pos[:, None, :]
+    keep = (i < q_len) & (j >= 0) & (j < k_len)
+    if global_tokens:
+        first = torch.arange(global_tokens, device=device).expand(q_pos.shape[0], global_tokens)
+        g = first[:, None, :]
+        # A global key already inside the band is counted there only.
+        keep = torch.cat([(i < q_len) & (g < k_len) & ~band.covers(i, g), keep], dim=-1)
+        k_pos = torch.cat([first, k_pos], dim=-1)
+        j = k_pos[:, None, :]
+    if causal:
+        keep = keep & (j <= i)
+    q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
+    k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
+    kv_head = (torch.arange(heads, device=device) // (heads // kv_heads))[:, None, None]
+    q, fq = query[:, :, q_index], phi_q[:, :, q_index]  # (B, H, G, b, ·)
+    k, v, fk = key[:, kv_head, k_index], value[:, kv_head, k_index], phi_k[:, kv_head, k_index]
+
+    # Far-part weights per key: the mask's, times the key gain on a stabilised scale (≤ 1), the
+    # stabiliser κ moving to the query side.
+    far_weights, far_log = key_weights, query_log_gain.to(acc)
+    if key_log_gain is not None:
+        kappa = key_log_gain.amax(dim=-1, keepdim=True).detach()  # (B, Hkv, 1)
+        gates = torch.exp(key_log_gain.to(acc) - kappa)
+        if key_weights is not None:
+            if key_weights.shape[1] not in (1, kv_heads):
+                gates = _match_heads(gates, heads)
+            gates = gates * key_weights.to(acc)
+        far_weights = gates
+        far_log = far_log + kappa.repeat_interleave(heads // kv_heads, dim=1).to(acc)
+
+    def gathered(weights: Tensor) -> Tensor:
+        # (B|1, H|1, G, 1, K): the weights of the gathered keys.
+        return _match_heads(weights.to(acc), heads)[:, :, k_index].unsqueeze(-2)
+
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, b, K)
+    near_kernel = torch.matmul(fq, fk.transpose(-1, -2))
+    if key_weights is not None:
+        keep = keep & (gathered(key_weights) > 0)
+    if far_weights is not None:
+        near_kernel = near_kernel * gathered(far_weights)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    near_kernel = near_kernel * keep.to(acc)
+    # c_i: the largest allowed score of the exact region (not counting w_j, so that both parts
+    # scale alike with the weights and a constant added to an additive mask changes nothing).
+    # It is a stabiliser: no gradient flows through the choice of it.
+    top = scores.amax(dim=-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    exact = torch.exp(scores - top)
+    if key_weights is not None:
+        exact = exact * gathered(key_weights)
+
+    def to_rows(x: Tensor) -> Tensor:
+        # The first Nq of the G·b block rows (a gather: ``narrow`` would make export guard
+        # Nq <= G·b, which its solver cannot prove for a symbolic length).
+        return x.flatten(2, 3).index_select(2, torch.arange(q_len, device=device))
+
+    exact_num, exact_den = to_rows(torch.matmul(exact, v)), to_rows(exact.sum(dim=-1))
+    near_num, near_den = to_rows(torch.matmul(near_kernel, v)), to_rows(near_kernel.sum(dim=-1))
+    all_num, all_den = kernel_sums(phi_q, phi_k, value, key_weights=far_weights, causal=causal,
+                                   chunk_size=chunk_size)
+    # The two parts' relative weight, as an exponent, split so that neither factor exceeds 1 (no
+    # overflow whichever part dominates).
+    far_log = far_log.expand(*all_den.shape)
+    shift = far_log.clamp_min(0).detach()
+    near_factor, far_factor = torch.exp(-shift), torch.exp(far_log - shift)
+    # The far part is the whole kernel sum minus its terms in E(i); its normaliser is a sum of
+    # non-negative terms, so a negative difference is rounding and is clamped.
+    num = near_factor.unsqueeze(-1) * exact_num + far_factor.unsqueeze(-1) * (all_num - near_num)
+    den = near_factor * exact_den + far_factor * (all_den - near_den).clamp_min(0)
+    return num / den.clamp_min(eps).unsqueeze(-1)
+
+
+def dense_window_kernel_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    phi_q: Tensor,
+    phi_k: Tensor,
+    *,
+    window: int,
+    global_tokens: int = 0,
+    query_log_gain: Tensor,
+    key_log_gain: Tensor | None = None,
+    key_weights: Tensor | None = None,
+    causal: bool = False,
+    scale: float = 1.0,
+    eps: float = 1e-6,
+) -> Tensor:
+    """The naive O(N²) definition of :func:`window_kernel_attention`, for tests."""
+    heads = query.shape[1]
+    key, value, phi_k = (x.repeat_interleave(heads // x.shape[1], dim=1)
+                         for x in (key, value, phi_k))
+    i = torch.arange(query.shape[2], device=query.device)[:, None]
+    j = torch.arange(key.shape[2], device=query.device)[None, :]
+    distance = j // window - i // window
+    near = ((distance >= -1) & (distance <= (0 if causal else 1))) | (j < global_tokens)
+    allowed = (j <= i) if causal else torch.ones_like(near)
+    weights = torch.ones(1, 1, 1, key.shape[2], dtype=query.dtype, device=query.device) \
+        if key_weights is None else _match_heads(key_weights, heads).unsqueeze(-2)
+    exact = near & allowed & (weights > 0)
+    scores = ((query @ key.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    far = (phi_q @ phi_k.transpose(-1, -2)) * query_log_gain.exp().expand(
+        *query.shape[:3]).unsqueeze(-1)
+    if key_log_gain is not None:
+        far = far * key_log_gain.repeat_interleave(heads // key_log_gain.shape[1], 1).exp() \
+            .unsqueeze(-2)
+    a = torch.where(near, torch.exp(scores - top), far * (~near & allowed)) * weights
+    return (a @ value) / a.sum(-1, keepdim=True).clamp_min(eps)
