@@ -198,7 +198,10 @@ def calibrate(
         order = _batch_order(len(batches), total, seed)
         try:
             stopped = _train_sites(sites, trainable, site_loss, order, lr, site_deadline, bar)
-            reverted = _revert_worse_sites(sites, before, dict(zip(map(id, trainable), snapshot)))
+            # Without per-site steps nothing changed: the errors are those measured before.
+            after = {s.name: _site_error(s) for s in sites} if order else dict(before)
+            reverted = _revert_worse_sites(sites, before, after,
+                                           dict(zip(map(id, trainable), snapshot)))
             e2e = None
             if e2e_steps:
                 e2e_order = _batch_order(len(batches), e2e_steps, seed + 1)
@@ -206,6 +209,7 @@ def calibrate(
                     model, trainable, batches, references, e2e_order, lr * END_TO_END_LR_FACTOR,
                     deadline, bar)
                 stopped = "max_seconds" if "max_seconds" in (stopped, e2e_stopped) else "steps"
+                after = {s.name: _site_error(s) for s in sites}
         except CalibrationDivergedError as diverged:
             rows = _rows(sites, before, after={})
             diverged.result = CalibrationResult(rows, loss, len(batches),
@@ -215,19 +219,20 @@ def calibrate(
         except BaseException:
             _restore(trainable, snapshot)
             raise
-        after = {s.name: _site_error(s) for s in sites}
     return CalibrationResult(_rows(sites, before, after, reverted), loss, len(batches),
                              time.perf_counter() - started, stopped, e2e)
 
 
-def _revert_worse_sites(sites: list[_Site], before: dict[str, float],
+def _revert_worse_sites(sites: list[_Site], before: dict[str, float], after: dict[str, float],
                         start: dict[int, Tensor]) -> set[str]:
     """Put back the parameters of every site whose per-site error rose (a step size too large
-    for its parameters): calibration never hands back a site worse than it found it."""
+    for its parameters): calibration never hands back a site worse than it found it. ``after``
+    is updated to the restored sites' errors."""
     reverted = set()
     for site in sites:
-        if site.steps and _site_error(site) > before[site.name]:
+        if after[site.name] > before[site.name]:
             _restore(site.parameters, [start[id(p)] for p in site.parameters])
+            after[site.name] = before[site.name]
             reverted.add(site.name)
     return reverted
 

@@ -31,8 +31,9 @@ class HedgehogAttention(LearnedMapAttention):
 
     With ``window`` w > 0 (and optionally ``global_tokens``), the LoLCATs hybrid (Zhang et al.,
     ICLR 2025, arXiv:2410.10254) of :mod:`attnrewrite.variants.hybrid`: exact softmax weights
-    within w positions (block-aligned), the Hedgehog kernel elsewhere, and one more parameter
-    ``log_gain`` (H,); time O(N·w·(d + m)), still linear in N.
+    within w positions (block-aligned), the Hedgehog kernel elsewhere, and three more parameters,
+    the far part's gains ``log_gain`` (H,), ``query_gate`` (H, d) and ``key_gate`` (Hkv, d);
+    time O(N·w·(d + m)), still linear in N.
     """
 
     name: ClassVar[str] = "hedgehog"

@@ -34,7 +34,12 @@ import torch
 from torch import Tensor
 
 from attnrewrite.variants.base import compute_dtype
-from attnrewrite.variants.blockwise import band_segment, block_queries, padded_count
+from attnrewrite.variants.blockwise import (
+    _finite_or_zero,
+    band_segment,
+    block_queries,
+    padded_count,
+)
 from attnrewrite.variants.kernel_core import _match_heads, kernel_sums
 
 
@@ -129,8 +134,7 @@ def window_kernel_attention(
     # c_i: the largest allowed score of the exact region (not counting w_j, so that both parts
     # scale alike with the weights and a constant added to an additive mask changes nothing).
     # It is a stabiliser: no gradient flows through the choice of it.
-    top = scores.amax(dim=-1, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    top = _finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
     exact = torch.exp(scores - top)
     if key_weights is not None:
         exact = exact * gathered(key_weights)
@@ -185,8 +189,7 @@ def dense_window_kernel_reference(
         if key_weights is None else _match_heads(key_weights, heads).unsqueeze(-2)
     exact = near & allowed & (weights > 0)
     scores = ((query @ key.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
-    top = scores.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    top = _finite_or_zero(scores.amax(dim=-1, keepdim=True))
     far = (phi_q @ phi_k.transpose(-1, -2)) * query_log_gain.exp().expand(
         *query.shape[:3]).unsqueeze(-1)
     if key_log_gain is not None:

@@ -2,8 +2,9 @@
 
 Both can run pure kernel attention (the default) or, with ``window`` > 0, the LoLCATs hybrid of
 :mod:`attnrewrite.variants.hybrid`: exact softmax weights on a block-aligned sliding window (and
-optional global tokens), the learned kernel on every other key, and a learned per-head gain
-between the two. The hybrid is still linear in the sequence length (O(N·window)).
+optional global tokens), the learned kernel on every other key, and learned gains of the far
+part per head, per query and per key. The hybrid is still linear in the sequence length
+(O(N·window)).
 """
 
 from __future__ import annotations

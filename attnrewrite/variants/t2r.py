@@ -37,7 +37,8 @@ class T2RAttention(LearnedMapAttention):
 
     With ``window`` w > 0 (and optionally ``global_tokens``), the LoLCATs hybrid of
     :mod:`attnrewrite.variants.hybrid`: exact softmax weights within w positions (block-aligned),
-    the learned kernel elsewhere, and one more parameter ``log_gain`` (H,); time O(N·w·(d + m)).
+    the learned kernel elsewhere, and three more parameters, the far part's gains ``log_gain``
+    (H,), ``query_gate`` (H, d) and ``key_gate`` (Hkv, d); time O(N·w·(d + m)).
     """
 
     name: ClassVar[str] = "t2r"
