@@ -134,6 +134,14 @@ def variant_options(max_length: int) -> dict[str, dict]:
         # "kernel" needs a feature_map callable: it is the generic form of the rows above.
         "t2r": {},
         "hedgehog": {},
+        # Issue 16: content-based sparse, inducing points / compression, more patterns.
+        "reformer": {"bucket_size": 64, "num_hashes": 2},
+        "routing": {"chunk_size": 64},
+        "sinkhorn": {"block_size": 64},
+        "set_transformer": {"num_inducing": 64},
+        "memory_compressed": {"stride": 8},
+        "axial": {},  # grid ≈ √N wide (the byte sequence folded into rows)
+        "transformer_xl": {"segment": 64},
     }
 
 

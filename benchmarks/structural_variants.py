@@ -54,11 +54,24 @@ VARIANTS = [
     "linformer",
     "nystrom",
     "hedgehog+window",
+    # Issue 16.
+    "reformer",
+    "routing",
+    "sinkhorn",
+    "set_transformer",
+    "memory_compressed",
+    "axial",
+    "transformer_xl",
 ]
 #: Configurations benchmarked under a label: label -> registered variant (options below).
 LABELLED = {"hedgehog+window": "hedgehog"}
 #: Expected memory slope per variant (log-log), for the summary table.
-EXPECTED_SLOPE = {"sparse_strided": 1.5, "sparse_fixed": 1.5}
+EXPECTED_SLOPE = {
+    "sparse_strided": 1.5,
+    "sparse_fixed": 1.5,
+    "axial": 1.5,  # rows and columns of a ≈ √N-wide grid
+    "memory_compressed": 2.0,  # N x N/k scores by design
+}
 
 
 def variant_options(name: str, length: int) -> dict:
@@ -74,6 +87,14 @@ def variant_options(name: str, length: int) -> dict:
         "nystrom": {"num_landmarks": 64},
         # The LoLCATs hybrid: Longformer's exact window and global tokens, Hedgehog elsewhere.
         "hedgehog+window": {"window": 64, "global_tokens": 16},
+        # Reformer: n_b ≈ N/64 buckets (the paper's choice, the site's length); routing: √N
+        # clusters (Roy et al.); axial: a grid ⌈√N⌉ wide (the default from the site's length).
+        "reformer": {"bucket_size": 64, "num_hashes": 2},
+        "routing": {"chunk_size": 64},
+        "sinkhorn": {"block_size": 64},
+        "set_transformer": {"num_inducing": 64},
+        "memory_compressed": {"stride": 8},
+        "transformer_xl": {"segment": 64},
     }.get(name, {})
 
 

@@ -12,11 +12,14 @@ How it runs:
    forcing (:func:`~attnrewrite.calibrate.mode.teacher_forcing`): it hands the exact softmax
    output downstream, so the model computes exactly what the original computes, and each
    selected site's canonical inputs and teacher output are kept in memory.
-2. **Per-site training**: since downstream of every site runs on the teacher's output, the sites
+2. **Refinement without gradients** (variants that define ``refine(calls)``, e.g. routing's
+   k-means of its centroids): each such site is refined once on all its recorded calls, and put
+   back if that raised its error.
+3. **Per-site training**: since downstream of every site runs on the teacher's output, the sites
    do not influence each other: all layers are trained in parallel, each on its own recorded
    inputs, and a step costs only the variants' forward and backward passes, not the model's.
    One step takes one recorded batch (shuffled each epoch under ``seed``) for every site.
-3. **End-to-end** (optional): the model runs with its variants, and their parameters are tuned
+4. **End-to-end** (optional): the model runs with its variants, and their parameters are tuned
    together to bring the model's outputs closer to the original model's (recorded in step 1).
 
 Divergence raises :class:`~attnrewrite.errors.CalibrationDivergedError` (naming the site and the
@@ -98,6 +101,8 @@ class _Site:
     calls: list[list[SiteCall]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    #: The variant has a no-gradient ``refine(calls)`` hook (e.g. routing's k-means).
+    refinable: bool = False
 
 
 def calibrate(
@@ -195,15 +200,17 @@ def calibrate(
         references = _record(model, sites, batches, bar, keep_outputs=e2e_steps > 0)
         stack.enter_context(train_only(model, trainable))
         before = {s.name: _site_error(s) for s in sites}
-        order = _batch_order(len(batches), total, seed)
+        _refine_sites(sites, before)
+        order = _batch_order(len(batches), total, seed) if trainable else []
         try:
             stopped = _train_sites(sites, trainable, site_loss, order, lr, site_deadline, bar)
             # Without per-site steps nothing changed: the errors are those measured before.
-            after = {s.name: _site_error(s) for s in sites} if order else dict(before)
+            changed = order or any(s.refinable for s in sites)
+            after = {s.name: _site_error(s) for s in sites} if changed else dict(before)
             reverted = _revert_worse_sites(sites, before, after,
                                            dict(zip(map(id, trainable), snapshot)))
             e2e = None
-            if e2e_steps:
+            if e2e_steps and trainable:
                 e2e_order = _batch_order(len(batches), e2e_steps, seed + 1)
                 e2e, e2e_stopped = _train_end_to_end(
                     model, trainable, batches, references, e2e_order, lr * END_TO_END_LR_FACTOR,
@@ -289,7 +296,8 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
         module = modules[name]
         variant = variant_of.get(name) or getattr(module, "name", type(module).__name__)
         parameters = [p for p in module.parameters() if p.requires_grad]
-        if not parameters:
+        refinable = callable(getattr(module, "refine", None))
+        if not parameters and not refinable:
             if layers is not None:
                 raise CalibrationError(
                     f"site '{name}' is rewritten into '{variant}', which has no trainable "
@@ -298,7 +306,7 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
             continue
         if loss == "attn_kl":
             check_attn_kl(module, name, variant)
-        sites.append(_Site(name, variant, module, parameters))
+        sites.append(_Site(name, variant, module, parameters, refinable=refinable))
     if not sites:
         used = ", ".join(sorted({variant_of.get(n, "?") for n in chosen}))
         raise CalibrationError(
@@ -399,6 +407,23 @@ def _batch_order(batches: int, steps: int, seed: int) -> list[int]:
     return order[:steps]
 
 
+# -- per-site refinement without gradients ---------------------------------------------------------
+
+
+def _refine_sites(sites: list[_Site], before: dict[str, float]) -> None:
+    """Run each refinable site's ``refine(calls)`` hook (e.g. k-means of routing centroids) on its
+    recorded calls, before any gradient step. A refinement that raises the site's error is undone
+    (its buffers and parameters put back), so it never hands back a worse site."""
+    for site in sites:
+        if not site.refinable:
+            continue
+        saved = {k: v.detach().clone() for k, v in site.module.state_dict().items()}
+        site.module.refine([call for calls in site.calls for call in calls])
+        error = _site_error(site)
+        if error > before[site.name]:
+            site.module.load_state_dict(saved)
+
+
 # -- per-site training -----------------------------------------------------------------------------
 
 
@@ -443,6 +468,8 @@ def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: S
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for site in sites:
+            if not site.parameters:  # refined without gradients only (see _refine_sites)
+                continue
             tick = time.perf_counter()
             calls = site.calls[batch]
             for call in calls:

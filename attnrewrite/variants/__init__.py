@@ -30,6 +30,14 @@ _TABLE: dict[str, str] = {
     "linformer": "linformer:LinformerAttention",
     "nystrom": "nystrom:NystromAttention",
     "synthesizer": "synthesizer:SynthesizerAttention",
+    # Content-based sparse, inducing points and compression, more patterns (issue 16).
+    "reformer": "content:ReformerAttention",
+    "routing": "content:RoutingAttention",
+    "sinkhorn": "content:SinkhornAttention",
+    "set_transformer": "inducing:SetTransformerAttention",
+    "memory_compressed": "inducing:MemoryCompressedAttention",
+    "axial": "block_patterns:AxialAttention",
+    "transformer_xl": "block_patterns:TransformerXLAttention",
 }
 _USER: dict[str, type[AttentionVariant]] = {}
 

@@ -157,8 +157,10 @@ def pattern_attention(
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-        # A view: the gathers below read it at the computed pairs only.
-        mask = mask.expand(*mask.shape[:-2], q_len, k_len)
+        # A key-only mask (query axis of static size 1) stays as it is: the gathers read its one
+        # row. Anything else is expanded as a view (exported to ONNX, an Expand materialises it).
+        key_only = isinstance(mask.shape[-2], int) and mask.shape[-2] == 1
+        mask = mask.expand(*mask.shape[:-2], 1 if key_only else q_len, k_len)
     query, key, value = query.to(acc), key.to(acc), value.to(acc)
     partials = []
     earlier: list[PairPredicate] = []
@@ -240,7 +242,9 @@ def _group_partials(
     k, v = key[:, kv_head, k_index], value[:, kv_head, k_index]
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, bq, K)
     if mask is not None:
-        bias = mask[..., q_index[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
+        key_only = isinstance(mask.shape[-2], int) and mask.shape[-2] == 1
+        rows = torch.zeros_like(q_index) if key_only else q_index
+        bias = mask[..., rows[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
         if bias.dtype == torch.bool:
             keep = keep & bias
         else:
