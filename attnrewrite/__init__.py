@@ -13,10 +13,11 @@ from attnrewrite.errors import (
     AttnRewriteError,
     CaptureError,
     InputMismatchError,
+    ParityError,
     UnknownVariantError,
     VariantOptionError,
 )
-from attnrewrite.rewriter.report import Report, SiteRow
+from attnrewrite.rewriter.report import Rejected, Report, SiteRow
 from attnrewrite.rewriter.rewrite import RewrittenModel, find_attention, rewrite
 from attnrewrite.site import AttentionSite, MaskClass
 from attnrewrite.variants import register_variant, variants
@@ -31,6 +32,8 @@ __all__ = [
     "CaptureError",
     "InputMismatchError",
     "MaskClass",
+    "ParityError",
+    "Rejected",
     "Report",
     "RewrittenModel",
     "SiteRow",
@@ -60,12 +63,13 @@ def export_onnx(model, path, args=None, kwargs=None, *, opset=None, **options):
     return _export(model, path, args=args, kwargs=kwargs, opset=opset, **options)
 
 
-def onnx_session(path, providers=None):
+def onnx_session(path, providers=None, **options):
     """An ONNX Runtime session callable like the exported model (see
-    ``attnrewrite.backends.onnx``)."""
+    ``attnrewrite.backends.onnx``). Outputs come back as containers; pass
+    ``output_classes=[...]`` to rebuild your own classes (nothing named in the file is imported)."""
     from attnrewrite.backends.onnx import onnx_session as _session
 
-    return _session(path, providers=providers)
+    return _session(path, providers=providers, **options)
 
 
 def dynamo_backend(variant: str = "softmax", **options):

@@ -223,7 +223,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
         except ModuleNotFoundError as exc:
             raise AttnRewriteError(
                 f"the ONNX backend is not available ({exc}); install attnrewrite with its "
-                "backends (attnrewrite/backends/onnx.py) and onnxscript"
+                "backends (attnrewrite/backends/onnx/) and onnxscript"
             ) from exc
     print(f"saved {ns.output}; run it with attnrewrite.onnx_session('{ns.output}')")
     return 0

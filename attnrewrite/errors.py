@@ -76,3 +76,7 @@ class BackendUnavailableError(BackendError, RuntimeError):
 
 class OnnxExportError(BackendError):
     """A model that could not be exported to standard ONNX."""
+
+
+class ParityError(AttnRewriteError, AssertionError):
+    """``rewrite(..., check=True)``: the canonical graph does not reproduce the original model."""

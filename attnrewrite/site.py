@@ -73,6 +73,11 @@ class AttentionSite:
         dtype: dtype of the attention scores at capture.
         upcast: the softmax runs in a wider dtype than its input (fp32 upcast).
         notes: free-form remarks from the analysis (where the scale was found, etc.).
+        attends_over: ``"tokens"`` (softmax over key positions), or ``"channels"`` for channel
+            attention (XCiT's cross-covariance attention, DaViT's channel blocks, EdgeNeXt's XCA):
+            q·kᵀ contracts the token axis, so the "queries" and "keys" are feature channels and
+            ``head_dim`` is the token count. Detected from symbolic sizes: the contracted axis
+            has the captured sequence length, the query/key axes a fixed size.
     """
 
     name: str
@@ -92,6 +97,22 @@ class AttentionSite:
     dtype: str = "float32"
     upcast: bool = False
     notes: tuple[str, ...] = ()
+    attends_over: str = "tokens"
 
     def replace(self, **changes: Any) -> AttentionSite:
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """A softmax (or sdpa call) that was looked at and not taken as a site, and why.
+
+    ``stage`` is where it was decided: ``"find"`` (not attention: a router, a pooling softmax,
+    talking-heads mixing...) or ``"find-error"`` (an unexpected error while analysing it; the
+    other sites are still rewritten).
+    """
+
+    node: str
+    module: str
+    reason: str
+    stage: str = "find"

@@ -231,3 +231,69 @@ def test_reexported_rewritten_program_keeps_dynamic_lengths(tmp_path: Path) -> N
     other = _inputs(batch=3, length=17, seed=4)
     with torch.no_grad():
         assert _rel(loaded(*other), rw(*other)) <= 1e-6
+
+
+# -- a forward that caches state lazily does not keep capture's fake tensors ---------------------
+
+
+class LazyAlibi(nn.Module):
+    """Causal attention with an ALiBi bias built and cached on first call, as x-transformers does:
+    a non-persistent buffer registered in ``forward`` and a plain tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+        self.slopes = torch.tensor([0.5, 0.25]).view(HEADS, 1, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if getattr(self, "bias", None) is None or self.bias.shape[-1] < n:
+            position = torch.arange(n)
+            distance = (position[None, :] - position[:, None]).clamp(max=0).float()
+            self.register_buffer("bias", distance * self.slopes, persistent=False)
+            self.cached = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+        self.calls += 1
+        q, k, v = self.qkv(x).view(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + self.bias[:, :n, :n]
+        scores = scores.masked_fill(self.cached[:n, :n], float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, D_MODEL)
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict, set]]:
+    return [
+        (
+            m,
+            dict(m.__dict__),
+            dict(m._parameters),
+            dict(m._buffers),
+            set(m._non_persistent_buffers_set),
+        )
+        for m in model.modules()
+    ]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "already-cached"])
+def test_capture_restores_state_a_forward_caches_lazily(warm: bool) -> None:
+    torch.manual_seed(0)
+    model = LazyAlibi().eval()
+    x = _inputs()[0]
+    if warm:
+        model(x)  # the cache exists before capture and must stay the very same tensors
+    before = _snapshot(model)
+    state = _state(model)
+    assert len(ar.find_attention(model, args=(x,))) == 1
+    rw = ar.rewrite(model, "softmax", args=(x,))
+    for module, attrs, params, buffers, non_persistent in before:
+        assert module.__dict__.keys() == attrs.keys()
+        assert all(module.__dict__[k] is v for k, v in attrs.items())
+        assert module._parameters.keys() == params.keys()
+        assert all(module._parameters[k] is v for k, v in params.items())
+        assert module._buffers.keys() == buffers.keys()
+        assert all(module._buffers[k] is v for k, v in buffers.items())
+        assert module._non_persistent_buffers_set == non_persistent
+    _assert_untouched(model, state)
+    assert ar.rewriter.capture.fake_tensors_in(model) == []
+    with torch.no_grad():
+        out = model(x)  # its next call works (no FakeTensor left behind)
+        assert _rel(rw(x), out) <= 1e-5

@@ -64,8 +64,9 @@ def _dynamic_shapes(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[list
             shapes.append(dynamic)
         elif isinstance(seen, torch.Tensor):
             # Dynamo made exactly these axes symbolic; parameters and buffers keep static sizes.
-            spec = {d: dynamic for d, size in enumerate(seen.shape)
-                    if isinstance(size, torch.SymInt)}
+            spec = {
+                d: dynamic for d, size in enumerate(seen.shape) if isinstance(size, torch.SymInt)
+            }
             shapes.append(spec or None)
         else:
             shapes.append(None)
@@ -90,7 +91,8 @@ def _check_arguments(variant: Any, options: dict[str, Any]) -> None:
     if unknown:
         raise VariantOptionError(
             f"option(s) {', '.join(map(repr, unknown))} are not options of rewrite() or of "
-            f"{', '.join(names)}; known: {', '.join(sorted(known))}, and compiler=")
+            f"{', '.join(names)}; known: {', '.join(sorted(known))}, and compiler="
+        )
 
 
 class RewritingBackend:
@@ -105,11 +107,11 @@ class RewritingBackend:
         fallbacks: graphs compiled unchanged because they could not be rewritten, with the reason.
     """
 
-    def __init__(self, variant: Any = "softmax", *, compiler: str = "inductor",
-                 **options: Any) -> None:
+    def __init__(
+        self, variant: Any = "softmax", *, compiler: str = "inductor", **options: Any
+    ) -> None:
         if compiler not in _COMPILERS:
-            raise BackendError(
-                f"compiler must be one of {', '.join(_COMPILERS)}, got {compiler!r}")
+            raise BackendError(f"compiler must be one of {', '.join(_COMPILERS)}, got {compiler!r}")
         _check_arguments(variant, options)
         self.variant = variant
         self.options = options
@@ -125,11 +127,23 @@ class RewritingBackend:
         notes = [f"graph {f.graph_index} not rewritten: {f.reason}" for f in self.fallbacks]
         # Every graph reaches the rewriter as an ExportedProgram made here; not news to the user.
         notes += [n for r in self.reports for n in r.notes if "ExportedProgram" not in n]
-        return Report(rows, tuple(dict.fromkeys(notes)))
+        if self._graphs and not rows:
+            # Nothing to rewrite is news when the model has attention: it ran outside every
+            # graph Dynamo captured (nn.TransformerEncoder's fused fast path in eval mode, a
+            # custom kernel, an op Dynamo cannot trace), so no rewrite could see it.
+            notes.append(
+                f"no attention site in the {self._graphs} graph(s) Dynamo captured: if the model "
+                "has attention, it ran outside the graphs (e.g. nn.TransformerEncoder's fast path "
+                "in eval mode; call model.train() or pass need_weights/masks that disable it)"
+            )
+        rejected = tuple(x for r in self.reports for x in r.rejected)
+        return Report(rows, tuple(dict.fromkeys(notes)), rejected=rejected)
 
     def __repr__(self) -> str:
-        return (f"RewritingBackend({self.variant!r}, compiler={self.compiler!r}, "
-                f"graphs={self._graphs}, rewritten_sites={len(self.report.rewritten)})")
+        return (
+            f"RewritingBackend({self.variant!r}, compiler={self.compiler!r}, "
+            f"graphs={self._graphs}, rewritten_sites={len(self.report.rewritten)})"
+        )
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         index = self._graphs
@@ -152,8 +166,9 @@ class RewritingBackend:
 
         args, shapes = _dynamic_shapes(gm, example_inputs)
         if any(isinstance(a, FakeTensor) for a in args):
-            raise BackendError("Dynamo passed fake example inputs; there is nothing to run "
-                               "torch.export on")
+            raise BackendError(
+                "Dynamo passed fake example inputs; there is nothing to run torch.export on"
+            )
         # Leave Dynamo's tracing context while exporting: otherwise the guards torch.export
         # installs for its own tracing land in the enclosing frame's guards, which then fail.
         with torch._guards.tracing(None):

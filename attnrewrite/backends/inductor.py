@@ -17,6 +17,7 @@ instead (same grad mode, same body), on a copy of the graph that shares the mode
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +37,23 @@ class CompiledModel(nn.Module):
         backend: the ``torch.compile`` backend used (a name or a callable).
     """
 
-    def __init__(self, compiled: nn.Module, report: Report | None, backend: Any) -> None:
+    def __init__(
+        self,
+        compiled: nn.Module,
+        report: Report | None,
+        backend: Any,
+        complete_kwargs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.compiled = compiled
         self.report = report
         self.backend = backend
+        self._complete_kwargs = complete_kwargs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._complete_kwargs is not None:
+            # Keyword arguments capture fixed (use_cache=False) are inputs of the graph.
+            kwargs = self._complete_kwargs(kwargs)
         return self.compiled(*args, **kwargs)
 
 
@@ -61,7 +72,7 @@ def check_backend(backend: Any) -> Any:
     if not isinstance(backend, str) or backend not in names:
         raise UnknownBackendError(
             f"unknown torch.compile backend {backend!r}; use one of {', '.join(names)} "
-            "(\"inductor\" to generate kernels, \"eager\" to only check that Dynamo captures "
+            '("inductor" to generate kernels, "eager" to only check that Dynamo captures '
             "the graph) "
             "or pass a backend callable"
         )
@@ -73,8 +84,14 @@ def _run_with_grad_mode(enabled: bool, body: nn.Module, *args: Any) -> Any:
         return body(*args)
 
 
-def _run_with_autocast(device_type: str, dtype: torch.dtype | None, enabled: bool,
-                       cache_enabled: bool | None, body: nn.Module, *args: Any) -> Any:
+def _run_with_autocast(
+    device_type: str,
+    dtype: torch.dtype | None,
+    enabled: bool,
+    cache_enabled: bool | None,
+    body: nn.Module,
+    *args: Any,
+) -> Any:
     with torch.autocast(device_type, dtype, enabled, cache_enabled):
         return body(*args)
 
@@ -102,8 +119,9 @@ def traceable_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
-def compile_rewritten(model: nn.Module, backend: Any = "inductor",
-                      **torch_compile_kwargs: Any) -> CompiledModel:
+def compile_rewritten(
+    model: nn.Module, backend: Any = "inductor", **torch_compile_kwargs: Any
+) -> CompiledModel:
     """``torch.compile`` a rewritten (or any) model.
 
     Args:
@@ -127,5 +145,5 @@ def compile_rewritten(model: nn.Module, backend: Any = "inductor",
         # Compile the exported graph itself, not RewrittenModel.forward: its only extra is error
         # translation (try/except), which Dynamo would have to trace around.
         compiled = torch.compile(traceable_graph(model.graph_module), backend=backend, **options)
-        return CompiledModel(compiled, model.report, backend)
+        return CompiledModel(compiled, model.report, backend, model.complete_kwargs)
     return CompiledModel(torch.compile(model, backend=backend, **options), None, backend)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,23 +132,173 @@ class Emitter:
 
 def dead_code_elimination(gm: fx.GraphModule) -> int:
     """Remove unused nodes, including dtype assertions that only kept dead tensors alive and
-    in-place ops on intermediates that nothing else reads (they count as side effects to FX)."""
-    before = len(gm.graph.nodes)
-    for node in list(gm.graph.nodes):
-        if G.op_name(node) == "_assert_tensor_metadata":
-            gm.graph.erase_node(node)
+    in-place writes that nothing observes.
 
-    def impure(node: fx.Node) -> bool:
-        if G.is_inplace(node):
-            written = node.args[0]
-            private = (
-                isinstance(written, fx.Node)
-                and written.op == "call_function"
-                and set(written.users) == {node}
-            )
-            return not private
+    A node that writes a tensor in place (any schema argument marked ``(a!)``: ``self`` of
+    ``add_``, ``out=`` of an out variant, ``index_put_``'s ``self``...) is kept whenever a live
+    node after it reads any tensor that shares its storage (a view written in place, as in
+    ``t[:, 1] = 1.0``, changes its base), or the storage belongs to an input, a parameter or a
+    buffer. Aliasing comes from torch itself: the storages of the fake tensors in
+    ``meta["val"]`` (as ``torch/fx/passes/reinplace.py`` uses them) and the ops' alias
+    annotations; where neither is known the node is assumed to alias all its inputs.
+    """
+    graph = gm.graph
+    before = len(graph.nodes)
+    for node in list(graph.nodes):
+        if G.op_name(node) == "_assert_tensor_metadata":
+            graph.erase_node(node)
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    alias = AliasClasses(nodes)
+    writes = {node: written_nodes(node) for node in nodes}
+    writes = {node: written for node, written in writes.items() if written is not None}
+    external = {alias.find(n) for n in nodes if n.op in ("placeholder", "get_attr")}
+
+    def root(node: fx.Node) -> bool:
+        if node in writes:
+            return False  # kept below only if what it writes is read later
+        if _opaque_side_effect(node):
+            return True
         # Random ops (dropout, sdpa with its seeded dropout) are pure enough to drop when unused.
         return node.is_impure(impure_random=False)
 
-    gm.graph.eliminate_dead_code(is_impure_node=impure)
-    return before - len(gm.graph.nodes)
+    live: set[fx.Node] = set()
+    pending = [n for n in nodes if root(n)]
+    while True:
+        while pending:
+            node = pending.pop()
+            if node in live:
+                continue
+            live.add(node)
+            pending.extend(n for n in node.all_input_nodes if n not in live)
+        # The last position at which a live node reads (or returns, or views) each storage.
+        last_read: dict[fx.Node, int] = {}
+        for node in live:
+            for read in (node, *node.all_input_nodes):
+                key = alias.find(read)
+                last_read[key] = max(last_read.get(key, -1), position[node])
+        pending = [
+            node
+            for node, written in writes.items()
+            if node not in live
+            and any(
+                alias.find(w) in external or last_read.get(alias.find(w), -1) > position[node]
+                for w in written
+            )
+        ]
+        if not pending:
+            break
+    for node in reversed(nodes):
+        if node not in live:
+            graph.erase_node(node)
+    return before - len(graph.nodes)
+
+
+def _opaque_side_effect(node: fx.Node) -> bool:
+    """A Python callable that is no ATen op and returns no tensor, called for its effect: vmap's
+    level bookkeeping (``_vmap_increment_nesting``/``_vmap_decrement_nesting``, which Hugging
+    Face's vmapped mask functions leave in the graph) must stay paired with the batched ops."""
+    target = node.target
+    if node.op != "call_function" or isinstance(
+        target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
+    ):
+        return False
+    if getattr(target, "__module__", None) in ("_operator", "operator", "math", "builtins"):
+        return False
+    return not isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def written_nodes(node: fx.Node) -> list[fx.Node] | None:
+    """The graph values ``node`` writes in place, or ``None`` when it writes nothing."""
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+        written: list[fx.Node] = []
+        for i, argument in enumerate(target._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            fx.node.map_arg(value, written.append)
+        return written or None
+    mutating_method = (
+        node.op == "call_method"
+        and isinstance(target, str)
+        and target.endswith("_")
+        and not target.startswith("__")
+    )
+    # ``t[i] = v`` in a ``torch.fx.symbolic_trace`` graph is ``operator.setitem(t, i, v)``.
+    if mutating_method or (node.op == "call_function" and target is operator.setitem):
+        first = node.args[0] if node.args else None
+        return [first] if isinstance(first, fx.Node) else None
+    return None
+
+
+class AliasClasses:
+    """Union-find of graph values that may share storage.
+
+    Two values are joined when their fake tensors share a storage, when an op's schema says its
+    result aliases an argument (views, in-place ops returning ``self``), or, for a value torch
+    says nothing about (no ``meta["val"]`` and no schema), with every input it was computed from.
+    """
+
+    def __init__(self, nodes: Sequence[fx.Node]) -> None:
+        self._parent: dict[fx.Node, fx.Node] = {}
+        owner: dict[Any, fx.Node] = {}
+        for node in nodes:
+            storages = _storages(node.meta.get("val"))
+            for storage in storages:
+                if storage in owner:
+                    self._union(node, owner[storage])
+                else:
+                    owner[storage] = node
+            target = node.target
+            if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+                for argument in _aliased_arguments(target._schema):
+                    index = [a.name for a in target._schema.arguments].index(argument)
+                    value = (
+                        node.args[index] if index < len(node.args) else node.kwargs.get(argument)
+                    )
+                    fx.node.map_arg(value, lambda a, node=node: self._union(node, a))
+            elif not storages and node.op in ("call_function", "call_method", "call_module"):
+                for source in node.all_input_nodes:
+                    self._union(node, source)
+
+    def find(self, node: fx.Node) -> fx.Node:
+        parent = self._parent.setdefault(node, node)
+        while parent is not node:
+            grandparent = self._parent.setdefault(parent, parent)
+            self._parent[node] = grandparent
+            node, parent = parent, grandparent
+        return node
+
+    def _union(self, a: fx.Node, b: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is not rb:
+            self._parent[ra] = rb
+
+
+def _aliased_arguments(schema: Any) -> list[str]:
+    """Names of the arguments a result of ``schema`` may alias (``Tensor(a) self -> Tensor(a)``)."""
+    sets = set()
+    for result in schema.returns:
+        if result.alias_info is not None:
+            sets |= set(result.alias_info.after_set) | set(result.alias_info.before_set)
+    return [
+        argument.name
+        for argument in schema.arguments
+        if argument.alias_info is not None
+        and sets & (set(argument.alias_info.before_set) | set(argument.alias_info.after_set))
+    ]
+
+
+def _storages(val: Any) -> list[Any]:
+    """``StorageWeakRef`` of every tensor in a node's ``meta["val"]``."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    out = []
+    for leaf in torch.utils._pytree.tree_leaves(val):
+        if isinstance(leaf, torch.Tensor):
+            try:
+                out.append(StorageWeakRef(leaf.untyped_storage()))
+            except (RuntimeError, NotImplementedError):  # sparse/nested tensors have no storage
+                continue
+    return out

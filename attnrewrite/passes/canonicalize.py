@@ -21,13 +21,18 @@ import dataclasses
 import operator
 from typing import Any, ClassVar
 
+import sympy
 import torch
 from torch import Tensor, fx
+from torch.utils._sympy.functions import FloorDiv, PythonMod
+from torch.utils._sympy.functions import Max as SymMax
+from torch.utils._sympy.functions import Min as SymMin
+from torch.utils._sympy.functions import Mod as SymMod
 
 from attnrewrite.passes import graph as G
 from attnrewrite.passes.base import Emitter, PassResult, aten
 from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
-from attnrewrite.passes.mask_analysis import MaskAnalysis
+from attnrewrite.passes.mask_analysis import MaskAnalysis, reshape_groups
 from attnrewrite.site import MaskClass
 from attnrewrite.variants.softmax import exact_attention
 
@@ -99,17 +104,22 @@ class Canonicalize:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         rows = _Rows(MaskAnalysis(gm))
-        done = 0
         failed: dict[str, str] = {}
+        outputs: dict[str, tuple[fx.Node, fx.Node]] = {}
         for match in self.matches:
-            problem = canonicalize_site(
-                gm.graph, match, rows, dense=match.site.name in self.dense_masks
-            )
+            before = match.output
+            try:
+                problem = canonicalize_site(
+                    gm.graph, match, rows, dense=match.site.name in self.dense_masks
+                )
+            except Exception as exc:  # noqa: BLE001 - one site's failure must not stop the others
+                problem = f"internal error ({type(exc).__name__}: {exc})"
             if problem:
                 failed[match.site.name] = problem
             else:
-                done += 1
-        return PassResult(gm, done > 0, {"canonicalized": done, "failed": failed})
+                outputs[match.site.name] = (before, rows.last_output)
+        stats = {"canonicalized": len(outputs), "failed": failed, "outputs": outputs}
+        return PassResult(gm, bool(outputs), stats)
 
 
 @dataclasses.dataclass
@@ -120,6 +130,7 @@ class _Rows:
     memo: dict[fx.Node, fx.Node] = dataclasses.field(default_factory=dict)
     lengths: tuple[Any, Any] | None = None  # (Nq, Nk) as ints or sym_size nodes
     device: torch.device | None = None  # where the site's tensors live
+    last_output: fx.Node | None = None  # the canonical output of the last site rewritten
 
     def items(self):
         return self.memo.items()
@@ -156,6 +167,7 @@ def canonicalize_site(
             del rows[k]
         return reason if "reason" in locals() else "could not build canonical tensors"
     match.output.replace_all_uses_with(out)
+    rows.last_output = out
     return None
 
 
@@ -178,6 +190,9 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     k = _canonical_operand(emit, match.key, q_batch, match.score_batch, frame, heads=heads)
     p_batch = match.out_letters.replace(match.out_q, "").replace(match.out_e, "")
     v = _canonical_operand(emit, match.value, p_batch, match.out_batch, frame, heads=heads)
+    if match.value.factor != 1.0:
+        # A constant factor on the values (v·c) was walked through like a scale; keep it.
+        v = emit.call(aten.mul.Tensor, v, match.value.factor)
     rows.lengths = (_length(emit, q), _length(emit, k))
     anchor_val = match.anchor.meta.get("val")
     rows.device = anchor_val.device if isinstance(anchor_val, torch.Tensor) else None
@@ -301,7 +316,24 @@ def _restore_output(
         x = emit.call(aten.to.dtype, x, G.dtype(match.output))
     if want is not None and G.shape(x) is not None and len(want) != len(G.shape(x)):
         raise _Refuse("output rank mismatch")
-    return x
+    return _same_layout(emit, x, match.output)
+
+
+def _same_layout(emit: Emitter, x: fx.Node, like: fx.Node) -> fx.Node:
+    """``x`` laid out in memory like ``like`` (values unchanged). sdpa returns (B, H, N, d) with a
+    (B, N, H, d) memory order, and models rely on it: ``out.transpose(1, 2).view(B, N, -1)``
+    (JetMoE) is only valid on that layout."""
+    want, have = like.meta.get("val"), x.meta.get("val")
+    if not (isinstance(want, torch.Tensor) and isinstance(have, torch.Tensor)) or want.dim() < 2:
+        return x
+    order = sorted(range(want.dim()), key=lambda d: -G.size_hint(want.stride()[d]))
+    if order == list(range(want.dim())):
+        return x  # the site's output was contiguous: any layout of ours reshapes like it
+    inverse = [order.index(d) for d in range(want.dim())]
+    dense = emit.call(
+        aten.clone.default, emit.permute(x, order), memory_format=torch.contiguous_format
+    )
+    return emit.permute(dense, inverse)
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -323,12 +355,21 @@ def _canonical_mask(
         node = _row(emit, term.node, rows) if key_only else term.node
         parts.append(_to_frame(emit, node, term, match.frame_batch))
     first = match.mask_terms[0]
-    if len(parts) == 1 and first.kind == "keep" and first.value == float("-inf"):
+    boolean = G.dtype(parts[0]) == torch.bool
+    if (
+        len(parts) == 1
+        and first.kind == "keep"
+        and first.value == float("-inf")
+        and boolean
+        and (match.score_floor is None)
+    ):
         mask = parts[0]  # a boolean keep mask, as sdpa takes it
     elif len(parts) == 1 and first.kind == "add" and first.value == 1.0:
         mask = parts[0]
     else:
         mask = _combine_terms(emit, match.mask_terms, parts, dtype, rows.device)
+    if dense and match.score_floor is not None:
+        mask = emit.call(aten.clamp_min.default, mask, match.score_floor)
     for _ in range(frame_rank - G.rank(mask)):
         mask = emit.unsqueeze(mask, 0)
     return _to_4d_mask(emit, mask, len(match.frame_batch), heads)
@@ -345,10 +386,81 @@ def _to_frame(emit: Emitter, node: fx.Node, term: MaskTerm, frame: tuple[Any, ..
     if all(G.is_one(s) for s in shp[:-2]):
         out = emit.reshape(node, [*([1] * len(frame)), shp[-2], shp[-1]])
     else:
-        full = emit.call(aten.expand.default, node, [*[_size_arg(s) for s in term_batch], -1, -1])
-        out = emit.reshape(full, [*frame, shp[-2], shp[-1]])
+        # Only axes merged with others need their full size; an axis that stays one axis keeps
+        # broadcasting. Swin adds its (nW, N, N) shift mask in a (B, nW, H) layout to scores laid
+        # out as (B·nW, H): the mask is expanded over B (a size ``expand(-1)`` would leave at 1)
+        # and not over H.
+        groups = reshape_groups(term_batch, frame)
+        if any(not src or not dst for src, dst in groups):
+            groups = [(list(range(len(term_batch))), list(range(len(frame))))]
+        sizes: list[Any] = []
+        target: list[Any] = []
+        for src, dst in groups:
+            if len(src) == 1 and len(dst) == 1:
+                sizes.append(-1)
+                target.append(shp[src[0]])
+            else:
+                sizes += [_size_node(emit, term_batch[a]) for a in src]
+                target += [frame[a] for a in dst]
+        full = emit.call(aten.expand.default, node, [*sizes, -1, -1])
+        out = emit.reshape(full, [*target, shp[-2], shp[-1]])
     if out is None:
         raise _Refuse("cannot move a mask term to the softmax's batch layout")
+    return out
+
+
+def _size_node(emit: Emitter, size: Any) -> Any:
+    """A size as an ``expand`` argument: an int, or nodes computing it from the graph inputs'
+    own sizes (a batch size ``view(-1, nW, ...)`` derived is an expression such as ``B·H·W//16``).
+    """
+    fixed = G.as_int(size)
+    if fixed is not None:
+        return fixed
+    if not isinstance(size, torch.SymInt):
+        raise _Refuse(f"cannot name the size {size} that a mask term is broadcast over")
+    symbols: dict[Any, tuple[fx.Node, int]] = {}
+    for node in emit.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for axis, own in enumerate(G.shape(node) or ()):
+            if isinstance(own, torch.SymInt):
+                if own.node.expr == size.node.expr:
+                    return emit.call(aten.sym_size.int, node, axis)
+                if isinstance(own.node.expr, sympy.Symbol):
+                    symbols.setdefault(own.node.expr, (node, axis))
+    return _size_expression(emit, size.node.expr, symbols)
+
+
+def _size_expression(
+    emit: Emitter, expr: Any, symbols: dict[Any, tuple[fx.Node, int]]
+) -> int | fx.Node:
+    """Emit a sympy size expression over input sizes (integers, +, ·, floor division)."""
+    if expr.is_Integer:
+        return int(expr)
+    if expr in symbols:
+        node, axis = symbols[expr]
+        return emit.call(aten.sym_size.int, node, axis)
+    ops = {
+        sympy.Add: operator.add,
+        sympy.Mul: operator.mul,
+        FloorDiv: operator.floordiv,
+        # torchvision's window padding: (window - H % window) % window.
+        SymMod: operator.mod,
+        PythonMod: operator.mod,
+        sympy.Mod: operator.mod,
+        SymMax: torch.sym_max,
+        SymMin: torch.sym_min,
+    }
+    op = next((fn for cls, fn in ops.items() if isinstance(expr, cls)), None)
+    if op is None:
+        raise _Refuse(f"cannot compute the size {expr} that a mask term is broadcast over")
+    parts = [_size_expression(emit, a, symbols) for a in expr.args]
+    out = parts[0]
+    for part in parts[1:]:
+        if isinstance(out, int) and isinstance(part, int):
+            out = op(out, part)
+        else:
+            out = emit.call(op, out, part)
     return out
 
 
@@ -385,6 +497,8 @@ def _combine_terms(
             add = node if term.value == 1.0 else emit.call(aten.mul.Tensor, node, term.value)
             mask = add if mask is None else emit.call(aten.add.Tensor, mask, add)
             continue
+        if G.dtype(node) != torch.bool:
+            node = emit.call(aten.ne.Scalar, node, 0)  # a 0/1 gate (w·b + c·(1 − b))
         base = (
             mask
             if mask is not None

@@ -32,7 +32,7 @@ from torch import fx
 from attnrewrite.passes import graph as G
 from attnrewrite.passes.mask_analysis import AbstractValue, MaskAnalysis, _masked, reshape_groups
 from attnrewrite.passes.products import Product, as_product
-from attnrewrite.site import AttentionSite, MaskClass
+from attnrewrite.site import AttentionSite, MaskClass, Rejected
 
 SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "special_softmax"})
 SDPA_OPS = frozenset({"scaled_dot_product_attention"})
@@ -104,12 +104,14 @@ class SiteMatch:
     sdpa_causal: bool = False
     canonical_problem: str | None = None
     query_scales: tuple[tuple[str, fx.Node], ...] = ()
+    #: ``max(scores + mask, floor)`` before softmax: folded into the dense mask (exact variants).
+    score_floor: float | None = None
 
 
 @dataclasses.dataclass
 class FindResult:
     matches: list[SiteMatch]
-    rejected: list[tuple[str, str]]  # (node name, reason)
+    rejected: list[Rejected]
 
 
 def find_sites(gm: fx.GraphModule, *, debug: bool = False) -> FindResult:
@@ -125,7 +127,10 @@ def find_sites(gm: fx.GraphModule, *, debug: bool = False) -> FindResult:
             elif name in SDPA_OPS:
                 matches.append(_sdpa_site(gm, node, analysis))
         except NotAttention as why:
-            rejected.append((node.name, str(why)))
+            rejected.append(Rejected(node.name, G.module_path(node), str(why)))
+        except Exception as exc:  # noqa: BLE001 - one site's analysis must not abort the others
+            reason = f"internal error while analysing it ({type(exc).__name__}: {exc}); left as is"
+            rejected.append(Rejected(node.name, G.module_path(node), reason, "find-error"))
     _name_sites(matches)
     return FindResult(matches, rejected)
 
@@ -157,6 +162,8 @@ class _ScoreWalk:
     terms: list[MaskTerm]
     tensor_scales: list[tuple[str, fx.Node]]
     transforms: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    floor: float | None = None  # max(scores, floor) right before softmax
 
 
 def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
@@ -208,6 +215,7 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
             "not a product with values"
         )
     p_node = down_chain[-1] if down_chain else softmax
+    swapped = sum(_swaps_last_two(n) for n in down_chain) % 2 == 1
     if vprod.lhs is p_node and vprod.rhs is not p_node:
         p_letters, v_node, v_letters = vprod.lhs_letters, vprod.rhs, vprod.rhs_letters
     elif vprod.rhs is p_node and vprod.lhs is not p_node:
@@ -216,7 +224,7 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         raise NotAttention("the probabilities are multiplied with themselves")
     if vprod.bias is not None or vprod.alpha != 1.0:
         raise NotAttention("the value product adds a bias or scales (baddbmm)")
-    pq, pk = p_letters[-2], p_letters[-1]
+    pq, pk = (p_letters[-1], p_letters[-2]) if swapped else (p_letters[-2], p_letters[-1])
     if vprod.contracted != {pk}:
         raise NotAttention(
             "the value product does not contract the key axis (softmax over the "
@@ -256,6 +264,13 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
             f"the scores pass through {'/'.join(walk.transforms)} (logit soft-capping or "
             "clipping) before softmax, which no variant reproduces"
         )
+    post = _post_mask_problem(down_chain, walk.terms, gm)
+    if post:
+        walk.problems.append(post)
+    if any(_slices_last(n) for n in down_chain) and not walk.problems:
+        walk.problems.append("the probabilities are cut along the key axis before the values")
+    if walk.problems:
+        problem = "; ".join(walk.problems)
     scale = walk.scale * prod.alpha * query.factor * key.factor
     heads, kv_heads = _heads(frame_batch, key, batch_letters, query)
     q_shape, k_shape = G.shape(q_node), G.shape(k_node)
@@ -270,6 +285,9 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         notes.append("heads folded into the batch")
     if walk.tensor_scales:
         notes.append("a tensor-valued scale (learned temperature) is folded into q")
+    over = _attends_over(q_shape[q_letters.index(feature)], q_len, k_len)
+    if over == "channels":
+        notes.append("channel attention: softmax over feature channels, tokens contracted")
     site = AttentionSite(
         name=G.module_path(softmax),
         kind="manual",
@@ -288,6 +306,7 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         dtype=str(G.dtype(scores)).replace("torch.", ""),
         upcast=upcast,
         notes=tuple(notes),
+        attends_over=over,
     )
     return SiteMatch(
         site=site,
@@ -307,7 +326,15 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         mask_value=mask_value,
         canonical_problem=problem,
         query_scales=tuple(walk.tensor_scales),
+        score_floor=walk.floor,
     )
+
+
+def _attends_over(feature: Any, q_len: Any, k_len: Any) -> str:
+    """``"channels"`` when the contracted axis carries a captured (symbolic) length and the query
+    and key axes are fixed sizes: the softmax runs over channels (cross-covariance attention)."""
+    fixed = G.as_int(q_len) is not None and G.as_int(k_len) is not None
+    return "channels" if fixed and G.as_int(feature) is None else "tokens"
 
 
 def _depends_on(node: fx.Node, source: fx.Node) -> bool:
@@ -459,13 +486,28 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
     terms: list[MaskTerm] = []
     tensor_scales: list[tuple[str, fx.Node]] = []
     transforms: list[str] = []
+    problems: list[str] = []
+    walk_floor: float | None = None
     cur = x
+
+    def add_term(term: MaskTerm) -> None:
+        # Walking up from softmax, the scales met so far are applied *after* this term: the term is
+        # scaled with the scores (softmax((q·kᵀ + b)·s) adds s·b). A learned temperature there
+        # would have to multiply the mask too, which the canonical form cannot say.
+        if tensor_scales:
+            problems.append("a mask or bias is added inside a tensor-valued temperature")
+        if scale <= 0:
+            problems.append("a mask or bias is scaled by a non-positive factor")
+        terms.append(term)
+
     for _ in range(64):
         prod = as_product(cur)
         if prod is not None:
             if prod.bias is not None:
-                terms.append(MaskTerm("add", prod.bias, prod.beta, cur))
-            return _ScoreWalk(prod, chain, scale, terms, tensor_scales, transforms)
+                add_term(MaskTerm("add", prod.bias, prod.beta * scale, cur))
+            return _ScoreWalk(
+                prod, chain, scale, terms, tensor_scales, transforms, problems, walk_floor
+            )
         chain.append(cur)
         name = G.op_name(cur)
         if name in _COPIES or name in _CASTS:
@@ -504,8 +546,14 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
                 tensor_scales.append((name, other))
                 cur = path
             continue
+        gated = _gated_scores(cur, analysis, gm)
+        if gated is not None:
+            path, gate, fill = gated
+            add_term(MaskTerm("keep", gate, fill * scale, cur))
+            cur = path
+            continue
         if name in ("add", "sub"):
-            alpha = float(G.arg(cur, "alpha", 1))
+            alpha = float(G.arg(cur, "alpha", 1)) * scale
             a, b = cur.args[0], cur.args[1]
             path, other, sign = _score_operand(cur, a, b)
             if name == "sub":
@@ -518,14 +566,14 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
             if not isinstance(other, fx.Node):
                 cur = path  # adding a constant to every score changes nothing after softmax
                 continue
-            terms.append(MaskTerm("add", other, sign * alpha, cur))
+            add_term(MaskTerm("add", other, sign * alpha, cur))
             cur = path
             continue
         if name == "masked_fill":
             fill = G.scalar_value(cur.args[2], gm)
             if fill is None or not _masked(fill):
                 raise NotAttention("masked_fill of the scores with a value that does not mask")
-            terms.append(MaskTerm("fill", cur.args[1], fill, cur))
+            add_term(MaskTerm("fill", cur.args[1], fill * scale, cur))
             cur = cur.args[0]
             continue
         if name == "where" and len(cur.args) == 3:
@@ -536,24 +584,128 @@ def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _Sco
             if va is None and vb is None and isinstance(a, fx.Node):
                 va = analysis.value(a).const if analysis.value(a).is_const else None
             if vb is not None and _masked(vb) and isinstance(a, fx.Node):
-                terms.append(MaskTerm("keep", cond, vb, cur))
+                add_term(MaskTerm("keep", cond, vb * scale, cur))
                 cur = a
                 continue
             if va is not None and _masked(va) and isinstance(b, fx.Node):
-                terms.append(MaskTerm("fill", cond, va, cur))
+                add_term(MaskTerm("fill", cond, va * scale, cur))
                 cur = b
                 continue
             raise NotAttention("where() on the scores does not select a masking value")
+        floor = _masked_floor(cur, gm)
+        if floor is not None:
+            # torch.max(scores, finfo.min) (XGLM, OPT): keeps -inf sums finite, so a fully masked
+            # row stays uniform. Met above any mask term, it folds into the mask exactly (finfo.min
+            # absorbs any moderate score); in between mask terms it would not.
+            if terms or tensor_scales or abs(floor * scale) < _ABSORBING:
+                problems.append("the scores are clamped from below between mask terms")
+            else:
+                walk_floor = floor * scale
+            cur = cur.args[0]
+            continue
         if name in ("tanh", "clamp", "clamp_min", "clamp_max") and _reaches_product(cur.args[0]):
             # Logit soft-capping (Gemma 2: cap·tanh(s/cap)) or clipping: still attention, but a
             # nonlinear map of the scores that no variant reproduces; the site is reported as is.
             transforms.append(name)
             cur = cur.args[0]
             continue
+        if name == "cat" and _sink_columns(cur):
+            # Attention sinks (gpt-oss): a learned logit per head appended as an extra key column,
+            # dropped again after softmax. Still attention, but the sink takes probability mass
+            # from every row, which the canonical form cannot say.
+            problems.append(
+                "attention sinks (an extra score column outside the keys) take part in the "
+                "softmax; no variant reproduces them"
+            )
+            cur = next(a for a in cur.args[0] if _reaches_product(a))
+            continue
         if name == "getitem" or cur.op != "call_function":
             raise NotAttention("softmax input does not come from a product")
         raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
     raise NotAttention("score chain too long")
+
+
+def _gated_scores(
+    node: fx.Node, analysis: MaskAnalysis, gm: fx.GraphModule
+) -> tuple[fx.Node, fx.Node, float] | None:
+    """``w·b + c·(1 − b)`` with ``b`` proven to hold only 0 and 1: that is ``where(b, w, c)``
+    (GPT-1's multiplicative causal mask). Returns (scores path, b, c)."""
+    if G.op_name(node) != "add" or G.arg(node, "alpha", 1) != 1 or len(node.args) < 2:
+        return None
+    for gated, filled in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not (isinstance(gated, fx.Node) and G.op_name(gated) == "mul"):
+            continue
+        if not (isinstance(filled, fx.Node) and G.op_name(filled) == "mul"):
+            continue
+        for path, gate in ((gated.args[0], gated.args[1]), (gated.args[1], gated.args[0])):
+            if not (isinstance(path, fx.Node) and isinstance(gate, fx.Node)):
+                continue
+            if not _reaches_product(path) or not _zero_one(analysis.value(gate), gate):
+                continue
+            for inverse, factor in (
+                (filled.args[0], filled.args[1]),
+                (filled.args[1], filled.args[0]),
+            ):
+                c = G.scalar_value(factor, gm)
+                if c is not None and _one_minus(inverse, gate, gm) and _masked(c):
+                    return path, gate, float(c)
+    return None
+
+
+def _zero_one(av: AbstractValue, node: fx.Node) -> bool:
+    """The mask analysis proves every element of ``node`` is 0 or 1 (or it is boolean)."""
+    if G.dtype(node) == torch.bool:
+        return True
+    if av.vary or av.index is not None or av.diff is not None or av.on is None:
+        return False
+    values = [av.on] + ([av.off] if av.cmps else [])
+    return all(v is not None and float(v) in (0.0, 1.0) for v in values)
+
+
+def _one_minus(node: Any, gate: fx.Node, gm: fx.GraphModule) -> bool:
+    """``1 - gate`` (``rsub(gate, 1)`` or ``sub(1, gate)``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    name = G.op_name(node)
+    if name == "rsub" and node.args[0] is gate:
+        return G.scalar_value(node.args[1], gm) == 1 and G.arg(node, "alpha", 1) == 1
+    if name == "sub" and node.args[1] is gate:
+        return G.scalar_value(node.args[0], gm) == 1 and G.arg(node, "alpha", 1) == 1
+    return False
+
+
+#: A floor this far down absorbs any score added to it in float32/bfloat16 (finfo.min ≈ -3.4e38).
+_ABSORBING = 1e30
+
+
+def _masked_floor(node: fx.Node, gm: fx.GraphModule) -> float | None:
+    """``maximum(scores, c)`` / ``clamp_min(scores, c)`` / ``clamp(scores, min=c)`` with a
+    constant masking ``c``: the value, else ``None``."""
+    name = G.op_name(node)
+    if not node.args or not isinstance(node.args[0], fx.Node) or not _reaches_product(node.args[0]):
+        return None
+    if name == "maximum" or (name == "max" and G.overload_name(node) == "other"):
+        other = node.args[1]
+        while isinstance(other, fx.Node) and G.op_name(other) in _COPIES:
+            other = other.args[0]  # torch.tensor(finfo.min) is lifted, copied and detached
+        c = G.scalar_value(other, gm)
+    elif name == "clamp_min":
+        c = G.scalar_value(G.arg(node, "min", None), gm)
+    elif name == "clamp" and G.arg(node, "max", None) is None:
+        c = G.scalar_value(G.arg(node, "min", None), gm)
+    else:
+        return None
+    return c if c is not None and _masked(c) else None
+
+
+def _sink_columns(cat: fx.Node) -> bool:
+    """``cat([scores, sinks], dim=-1)`` with exactly one input computed from a product."""
+    parts = cat.args[0]
+    r = G.rank(cat)
+    dim = G.normalize_dim(G.arg(cat, "dim", 0), r) if r else None
+    if dim != r - 1 or not isinstance(parts, (list, tuple)):
+        return False
+    return sum(isinstance(a, fx.Node) and _reaches_product(a) for a in parts) == 1
 
 
 def _is_batch_only(other: Any, frame: fx.Node) -> bool:
@@ -589,6 +741,10 @@ def _reaches_product(x: fx.Node, depth: int = 24) -> bool:
         if as_product(cur) is not None:
             return True
         name = G.op_name(cur)
+        if name == "cat" and isinstance(cur.args[0], (list, tuple)):
+            return any(
+                isinstance(n, fx.Node) and _reaches_product(n, depth - 1) for n in cur.args[0]
+            )
         if cur.op != "call_function" or not cur.args or not isinstance(cur.args[0], fx.Node):
             return False
         if name in ("tanh", "clamp"):
@@ -647,6 +803,12 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
         products = [u for u in users if as_product(u) is not None]
         if len(users) == 1 and products:
             return users[0], dropout_p, escape, chain
+        if products and onward:
+            # The probabilities feed a value product *and* go elsewhere (nn.MultiheadAttention's
+            # averaged weights: a view then a mean): the product is the site, the rest escapes.
+            if len(products) > 1:
+                raise NotAttention("the probabilities feed several products")
+            return products[0], dropout_p, True, chain
         if len(onward) == 1 and len(users) >= 1:
             nxt = onward[0]
             escape = escape or len(users) > 1
@@ -679,6 +841,73 @@ def _passes_probs(node: fx.Node, src: fx.Node) -> bool:
         return True
     if name in _RESHAPES and name != "expand":
         return _keeps_last_two(src, node)
+    if name == "masked_fill" and G.scalar_value(node.args[2]) == 0.0:
+        return True  # checked against the scores' own mask in _post_mask_problem
+    return _swaps_last_two(node) or _slices_last(node)
+
+
+def _post_mask_problem(down_chain: list[fx.Node], terms: list[MaskTerm], gm: fx.GraphModule) -> str:
+    """Probabilities zeroed again after softmax (CPM-Ant) change nothing when the zeroed positions
+    were already filled with -inf before softmax (a fully masked row is 0 either way, as sdpa
+    computes it); any other post-softmax mask is outside the canonical form."""
+    for node in down_chain:
+        if G.op_name(node) != "masked_fill":
+            continue
+        cond = node.args[1]
+        if not any(
+            t.kind == "fill" and t.value == float("-inf") and _same_value(t.node, cond, gm)
+            for t in terms
+        ):
+            return "the probabilities are masked after softmax by another mask than the scores"
+    return ""
+
+
+def _same_value(a: Any, b: Any, gm: fx.GraphModule, depth: int = 12) -> bool:
+    """Whether ``a`` and ``b`` compute the same value: the same node, or the same op applied to
+    the same inputs (a mask recomputed from the same tensors), constants compared by value."""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(_same_value(x, y, gm, depth) for x, y in zip(a, b))
+        return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and a == b
+    va, vb = G.scalar_value(a, gm), G.scalar_value(b, gm)
+    if va is not None or vb is not None:
+        return va == vb
+    if depth == 0 or a.op != "call_function" or b.op != "call_function" or a.target != b.target:
+        return False
+    if G.is_inplace(a) or G.op_name(a) in _DROPOUTS or set(a.kwargs) != set(b.kwargs):
+        return False
+    return _same_value(list(a.args), list(b.args), gm, depth - 1) and all(
+        _same_value(a.kwargs[k], b.kwargs[k], gm, depth - 1) for k in a.kwargs
+    )
+
+
+def _slices_last(node: fx.Node) -> bool:
+    """``p[..., a:b]``: probabilities cut along the key axis (the sink column dropped)."""
+    r = G.rank(node)
+    return (
+        G.op_name(node) == "slice"
+        and r is not None
+        and G.normalize_dim(G.arg(node, "dim", 0), r) == r - 1
+    )
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """``p.transpose(-2, -1)`` / ``p.mT`` / a permute that swaps only the last two axes: the
+    channels-first value product ``v @ pᵀ`` (EfficientViT, SHViT, CoAtNet's ``Attention2d``)."""
+    name = G.op_name(node)
+    r = G.rank(node)
+    if r is None or r < 2:
+        return False
+    if name == "transpose":
+        dims = {G.normalize_dim(G.arg(node, d), r) for d in ("dim0", "dim1")}
+        return dims == {r - 2, r - 1}
+    if name in ("mT", "adjoint") or (name == "t" and r == 2):
+        return True
+    if name == "permute":
+        dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
+        return dims == [*range(r - 2), r - 1, r - 2]
     return False
 
 

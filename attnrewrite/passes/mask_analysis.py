@@ -430,6 +430,10 @@ class MaskAnalysis:
             return _remap(src, mapping, r, shp)
         if name == "index":
             return self._index(node, shp, r)
+        if name == "diff":
+            return self._diff(node, r)
+        if name == "cumsum":
+            return self._cumsum(node, r)
         if name in ("masked_fill",):
             x, cond, v = node.args[0], node.args[1], node.args[2]
             return self._nary(lambda a, c, f: f if c else a, [x, cond, v], shp, r)
@@ -707,6 +711,9 @@ class MaskAnalysis:
         # Advanced indexing with every axis indexed: out[x] = src[i0(x), i1(x), ...].
         # The result varies where any index varies (and where the source varies along that axis).
         src = self.value(src_node)
+        gathered = self._gather_positions(src, indices, r, shp)
+        if gathered is not None:
+            return gathered
         axes: set[int] = set()
         for k, idx in enumerate(indices):
             iv = self._align(self.value(idx), r)
@@ -715,6 +722,96 @@ class MaskAnalysis:
         if src.is_const:
             return _const(src.const, r)
         return AbstractValue(rank=r, vary=frozenset(a for a in axes if not G.is_one(shp[a])))
+
+    def _gather_positions(
+        self, src: AbstractValue, indices: Sequence[Any], r: int, shp: Any
+    ) -> AbstractValue | None:
+        """``src[i0, i1, ...]`` where every axis ``src`` has structure on is indexed by a position.
+
+        Hugging Face's mask functions read ``position_ids[b, q_idx]`` and
+        ``position_ids[b, kv_idx]`` (``remap_positions_for_packed_sequence``): when the positions
+        are themselves an ``arange``, the gathered values are positions of the result's axes and
+        their comparison is a causal condition. An index x[a] + o with o >= 0 is never negative,
+        so no wrap-around can reorder it; out-of-range indices raise instead of reading.
+        """
+        structured: set[int] = set()
+        for c in src.cmps:
+            structured |= {c.a, c.b}
+        if src.index:
+            structured.add(src.index[0])
+        if src.diff:
+            structured |= {src.diff[0], src.diff[1]}
+        if not structured:
+            return None
+        where: dict[int, tuple[int, int]] = {}
+        for k in structured:
+            idx = indices[k]
+            iv = self._align(self.value(idx), r) if isinstance(idx, fx.Node) else None
+            if iv is None or iv.index is None or iv.index[1] < 0 or iv.vary or iv.cmps:
+                return None
+            where[k] = iv.index
+        vary: set[int] = set()
+        for k in src.vary:
+            idx = indices[k]
+            if isinstance(idx, fx.Node):
+                vary |= _flatten(self._align(self.value(idx), r), None).vary
+        cmps = set()
+        for c in src.cmps:
+            (xa, oa), (xb, ob) = where[c.a], where[c.b]
+            if xa == xb:
+                return None
+            cmps.add(Cmp(xa, xb, c.c - oa + ob))
+        index = diff = None
+        if src.index:
+            x, o = where[src.index[0]]
+            index = (x, src.index[1] + o)
+        if src.diff:
+            u, v, off = src.diff
+            (xu, ou), (xv, ov) = where[u], where[v]
+            if xu == xv:
+                return None
+            diff = (xu, xv, off + ou - ov)
+        vary = {a for a in vary if not G.is_one(shp[a])}
+        return AbstractValue(r, frozenset(vary), frozenset(cmps), src.on, src.off, index, diff)
+
+    def _diff(self, node: fx.Node, r: int) -> AbstractValue | None:
+        """``torch.diff`` (n=1) of a position tensor along its own axis is 1 everywhere, provided a
+        ``prepend`` is the position just before the first (HF's ``find_packed_sequence_indices``
+        prepends ``position_ids[:, :1] - 1``)."""
+        src = self.value(node.args[0])
+        d = G.normalize_dim(G.arg(node, "dim", -1), r)
+        prepend, append = G.arg(node, "prepend", None), G.arg(node, "append", None)
+        if G.arg(node, "n", 1) != 1 or append is not None:
+            return None
+        if src.index is None or src.index[0] != d:
+            return None
+        if prepend is not None:
+            p_shape = G.shape(prepend) if isinstance(prepend, fx.Node) else None
+            if p_shape is None or len(p_shape) != r or not G.is_one(p_shape[d]):
+                return None
+            p = self.value(prepend)
+            if p.index is not None and p.index[0] == d:
+                before = p.index[1]  # its only position along d is 0
+            elif p.is_const and isinstance(p.const, int) and not isinstance(p.const, bool):
+                before = p.const
+            else:
+                return None
+            if before != src.index[1] - 1:
+                return None
+        return _const(1, r)
+
+    def _cumsum(self, node: fx.Node, r: int) -> AbstractValue | None:
+        """A cumulative sum of a constant 0 is 0; of a constant 1 it is the position plus one."""
+        src = self.value(node.args[0])
+        if not src.is_const or isinstance(src.const, float) and math.isnan(src.const):
+            return None
+        d = G.normalize_dim(G.arg(node, "dim"), r)
+        dt = G.dtype(node)
+        if src.const is False or src.const == 0:
+            return _const(0.0 if dt is not None and dt.is_floating_point else 0, r)
+        if (src.const is True or src.const == 1) and not (dt is not None and dt.is_floating_point):
+            return AbstractValue(rank=r, index=(d, 1))
+        return None
 
     @staticmethod
     def _squeezed_dims(node: fx.Node, src_shape: Any) -> set[int] | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from attnrewrite.site import AttentionSite
+from attnrewrite.site import AttentionSite, Rejected
+
+__all__ = ["Rejected", "Report", "SiteRow"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Report:
     sites: tuple[SiteRow, ...]
     notes: tuple[str, ...] = ()
     stats: tuple[tuple[str, object], ...] = ()
+    #: Every softmax looked at and not taken as a site, with the reason (also printed by debug).
+    rejected: tuple[Rejected, ...] = ()
 
     @property
     def rewritten(self) -> list[SiteRow]:

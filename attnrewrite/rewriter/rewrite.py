@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
@@ -10,8 +11,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from attnrewrite.errors import InputMismatchError, UnknownVariantError, VariantOptionError
-from attnrewrite.passes.base import dead_code_elimination
+from attnrewrite.errors import (
+    InputMismatchError,
+    ParityError,
+    UnknownVariantError,
+    VariantOptionError,
+)
+from attnrewrite.passes.base import AliasClasses, dead_code_elimination, written_nodes
 from attnrewrite.passes.canonicalize import Canonicalize
 from attnrewrite.passes.find_attention import FindResult, SiteMatch, find_sites
 from attnrewrite.passes.lower import VARIANTS_ATTR, LowerToVariants
@@ -29,7 +35,85 @@ def _prepare(model: Any, args: Any, kwargs: Any) -> tuple[Captured, FindResult]:
     captured = capture(model, args, kwargs)
     gm = captured.graph_module
     dead_code_elimination(gm)  # unused attention weights must not count as escaping
-    return captured, find_sites(gm)
+    return captured, _refuse_sites_written_in_place(gm, find_sites(gm))
+
+
+def _refuse_sites_written_in_place(gm: fx.GraphModule, found: FindResult) -> FindResult:
+    """Mark sites whose intermediate tensors (scores, probabilities) are written in place.
+
+    The finder reads dataflow; a write into a view of the scores (timm MViTv2 adds its
+    relative-position bias into ``attn[:, :, 1:, 1:]``) changes them without being an input of
+    the softmax, and canonicalisation would drop it. Such a site is refused with a reason.
+    Aliasing is torch's (``AliasClasses``: fake-tensor storages and op schemas).
+    """
+    nodes = list(gm.graph.nodes)
+    writes = {node: written for node in nodes if (written := written_nodes(node))}
+    if not writes:
+        return found
+    position = {node: i for i, node in enumerate(nodes)}
+    alias = AliasClasses(nodes)
+    matches = []
+    for match in found.matches:
+        operands = [op.source for op in (match.query, match.key, match.value) if op is not None]
+        sources = operands or list(match.anchor.all_input_nodes)
+        end = position[match.output]
+        inside = _between(sources, match.output, position)
+        classes = {alias.find(node) for node in inside | set(sources)}
+        # Writes before the score product are read by the model and by the canonical form alike
+        # (the canonical q, k, v are read right before the site's output): DeepSeek's MLA fills
+        # a preallocated q in place. Only writes after the product can change what the site saw.
+        start = position[_score_product(match) or min(sources, key=position.__getitem__)]
+        writer = next(
+            (
+                node
+                for node, written in writes.items()
+                # A write on the path itself (T5's ``scores += position_bias``) is dataflow the
+                # finder analysed; only writes beside the path are hidden from it.
+                if start < position[node] < end
+                and node not in inside
+                and any(alias.find(w) in classes for w in written)
+            ),
+            None,
+        )
+        if writer is not None and not match.canonical_problem:
+            match = dataclasses.replace(
+                match,
+                canonical_problem=(
+                    f"`{writer.name}` writes in place into a tensor computed inside the site "
+                    "(e.g. a bias added into a view of the scores); such writes are not "
+                    "analysed, so the site is left as it is"
+                ),
+            )
+        matches.append(match)
+    return FindResult(matches, found.rejected)
+
+
+def _score_product(match: SiteMatch) -> fx.Node | None:
+    """The node computing q·kᵀ (the sdpa call itself for sdpa sites)."""
+    if match.query is None or match.key is None or match.anchor is match.output:
+        return match.anchor if match.anchor is match.output else None
+    key = match.key.node
+    return next((u for u in match.query.node.users if key in u.all_input_nodes), None)
+
+
+def _between(sources: list[fx.Node], output: fx.Node, position: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on a dataflow path from ``sources`` to ``output``, both ends excluded."""
+    start = min(position[s] for s in sources)
+    after: set[fx.Node] = set(sources)
+    for node in sorted(position, key=position.__getitem__):
+        if start < position[node] <= position[output] and any(
+            i in after for i in node.all_input_nodes
+        ):
+            after.add(node)
+    before: set[fx.Node] = set()
+    pending = [output]
+    while pending:
+        node = pending.pop()
+        if node in before or position[node] < start:
+            continue
+        before.add(node)
+        pending.extend(node.all_input_nodes)
+    return (after & before) - set(sources) - {output}
 
 
 def find_attention(
@@ -46,9 +130,14 @@ def find_attention(
     """
     captured, found = _prepare(model, args, kwargs)
     if debug:
-        for node, reason in found.rejected:
-            print(f"[attnrewrite] {node}: not attention: {reason}")
+        _print_rejected(found)
     return [m.site for m in found.matches]
+
+
+def _print_rejected(found: FindResult) -> None:
+    for r in found.rejected:
+        where = f" ({r.module})" if r.module else ""
+        print(f"[attnrewrite] {r.node}{where}: not attention: {r.reason}")
 
 
 class RewrittenModel(nn.Module):
@@ -67,6 +156,8 @@ class RewrittenModel(nn.Module):
         self._example_structure = _structure(captured.args, captured.kwargs)
         self._example_args = captured.args
         self._example_kwargs = captured.kwargs
+        self._fixed_kwargs = dict(captured.fixed_kwargs)
+        self._shape_guards = captured.guards
 
     @property
     def variant_modules(self) -> dict[str, AttentionVariant]:
@@ -76,30 +167,76 @@ class RewrittenModel(nn.Module):
         return {m.site.name: m for m in holder.children() if isinstance(m, AttentionVariant)}
 
     @property
+    def fixed_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments capture fixed because the example left them out (``use_cache``)."""
+        return dict(self._fixed_kwargs)
+
+    @property
     def example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return self._example_args, self._example_kwargs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
+        """Run the rewritten graph; inputs outside what was captured raise ``InputMismatchError``.
+
+        Keyword arguments that capture fixed because the example left them out
+        (``use_cache=False`` for Hugging Face models, see the report's notes) are filled in;
+        asking for another value (``use_cache=True``: decoding with a key/value cache) is refused,
+        since the rewritten graph has no cache outputs.
+        """
+        kwargs = self.complete_kwargs(kwargs)
+        if torch.compiler.is_compiling():
+            # Under torch.compile, Dynamo guards the inputs itself; the eager checks below are
+            # Python it need not trace.
             return self.graph_module(*args, **kwargs)
-        except Exception as exc:
-            got = _structure(args, kwargs)
-            if got != self._example_structure:
+        # Sizes the graph was specialised to: plain int comparisons, checked before the call so
+        # the error names the input, the axis and why it was fixed.
+        problem = self._shape_guards.violation(args, kwargs, relations=False)
+        if problem is None:
+            try:
+                return self.graph_module(*args, **kwargs)
+            except Exception as exc:
+                got = _structure(args, kwargs)
+                if got != self._example_structure:
+                    raise InputMismatchError(
+                        "the rewritten model was called with inputs unlike the captured example: "
+                        f"captured {self._example_structure}, got {got}. Call it with the same "
+                        "positional/keyword arguments and tensor ranks as the example passed to "
+                        "rewrite()."
+                    ) from exc
+                # Which of the capture's shape guards (ranges, relations between sizes) the
+                # inputs break, evaluated on the guards themselves rather than the error text.
+                problem = self._shape_guards.violation(args, kwargs)
+                if problem is None:
+                    raise
+                raise InputMismatchError(self._shape_message(problem)) from exc
+        raise InputMismatchError(self._shape_message(problem))
+
+    @staticmethod
+    def _shape_message(problem: str) -> str:
+        return (
+            f"input shapes outside what was captured: {problem}. The report's notes list every "
+            "input axis capture specialised and why; capture again with an example of the sizes "
+            "you need on those axes."
+        )
+
+    def complete_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` plus the keyword arguments capture fixed (``use_cache=False``); asking for
+        another value of one of them raises :class:`InputMismatchError`. Backends that run
+        ``graph_module`` directly (Inductor, ONNX) call this first."""
+        if not self._fixed_kwargs:
+            return kwargs
+        kwargs = dict(kwargs)
+        for name, value in self._fixed_kwargs.items():
+            given = kwargs.get(name)
+            if given is not None and given != value:
                 raise InputMismatchError(
-                    "the rewritten model was called with inputs unlike the captured example: "
-                    f"captured {self._example_structure}, got {got}. Call it with the same "
-                    "positional/keyword arguments and tensor ranks as the example passed to "
-                    "rewrite()."
-                ) from exc
-            text = str(exc).lower()
-            if isinstance(exc, (RuntimeError, AssertionError, ValueError)) and any(
-                k in text for k in ("shape", "expected input", "guard failed", "size()")
-            ):
-                raise InputMismatchError(
-                    f"input shapes outside what was captured: {exc}. Dimensions that were "
-                    "specialised at capture (see the report's notes) must keep their example size."
-                ) from exc
-            raise
+                    f"{name}={given!r} is not supported: the model was captured with "
+                    f"{name}={value!r} (the example did not pass it), so the rewritten graph "
+                    "returns no key/value cache and cannot decode incrementally. Call it without "
+                    f"{name} (or with {name}={value!r})."
+                )
+            kwargs[name] = value
+        return kwargs
 
     def train(self, mode: bool = True) -> RewrittenModel:
         # Exported graph modules refuse train()/eval(); only the variant modules carry a mode.
@@ -169,6 +306,7 @@ def rewrite(
     sites: SiteSelector = None,
     seed: int | None = 0,
     debug: bool = False,
+    check: bool = False,
     **options: Any,
 ) -> RewrittenModel:
     """Rewrite every softmax-attention site of ``model`` into ``variant``.
@@ -183,6 +321,10 @@ def rewrite(
         debug: lint the graph after every pass, check that the canonical graph (every accepted
             site as exact attention) reproduces the original outputs on the example, and print why
             each softmax that is not a site was rejected.
+        check: before lowering, run the canonical graph (every accepted site as exact attention)
+            on the example next to the captured one and compare each site's output and the
+            model's outputs; raise :class:`~attnrewrite.errors.ParityError` naming the sites that
+            differ. Costs one extra forward on the example; ``debug`` implies it.
         **options: variant options (``num_features=``, ``window=``, ``chunk_size=``...), given to
             every chosen variant that declares them.
 
@@ -221,17 +363,16 @@ def rewrite(
         rows.append(SiteRow(site.name, site, name, "rewritten"))
 
     if debug:
-        for node, reason in found.rejected:
-            print(f"[attnrewrite] {node}: not attention: {reason}")
+        _print_rejected(found)
     exact = frozenset(
         m.site.name for m in accepted if getattr(modules[m.site.name], "exact", False)
     )
     canon = Canonicalize(tuple(accepted), dense_masks=exact)(gm)
     failed = canon.stats["failed"]
-    if debug:
+    if debug or check:
         gm.graph.lint()
         gm.recompile()
-        _check_parity(model, gm, captured)
+        _check_parity(model, gm, captured, canon.stats["outputs"], verbose=debug)
     for i, row in enumerate(rows):
         if row.name in failed:
             rows[i] = SiteRow(
@@ -246,26 +387,94 @@ def rewrite(
     removed = dead_code_elimination(gm)
     gm.graph.lint()
     gm.recompile()
-    report = Report(tuple(rows), tuple(captured.notes), (("dead_nodes_removed", removed),))
+    report = Report(
+        tuple(rows),
+        tuple(captured.notes),
+        (("dead_nodes_removed", removed),),
+        rejected=tuple(found.rejected),
+    )
     return RewrittenModel(gm, report, captured)
 
 
-def _check_parity(model: Any, gm: fx.GraphModule, captured: Captured) -> None:
-    """Debug mode: the canonical graph (exact attention everywhere) must match the original."""
+def _check_parity(
+    model: Any,
+    gm: fx.GraphModule,
+    captured: Captured,
+    outputs: Mapping[str, tuple[fx.Node, fx.Node]],
+    *,
+    verbose: bool = False,
+    tolerance: float = 1e-4,
+) -> None:
+    """The canonical graph (exact attention everywhere) must reproduce the original: each site's
+    canonical output against the captured computation it replaced (both still in the graph before
+    dead-code elimination), then the model's outputs against ``model`` itself."""
+    from torch.fx import _pytree as fx_pytree
     from torch.utils import _pytree as pytree
 
+    kwargs = {**captured.kwargs, **getattr(captured, "fixed_kwargs", {})}
+    watched = {node for pair in outputs.values() for node in pair}
+    seen: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n in watched:
+                seen[n] = result
+            return result
+
+    spec = getattr(gm, "_in_spec", None)
+    flat = (
+        fx_pytree.tree_flatten_spec((captured.args, kwargs), spec)
+        if spec is not None
+        else pytree.tree_leaves((captured.args, kwargs))
+    )
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    wrong = []
+    for name, (before, after) in outputs.items():
+        a, b = seen.get(before), seen.get(after)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            err = _relative_error(b, a)
+            if not err <= tolerance:
+                wrong.append(f"{name} (relative error {err:.2e})")
+    if wrong:
+        raise ParityError(
+            "the canonical form of these sites does not reproduce the model's own computation "
+            f"on the example: {', '.join(wrong)}. Please report this (with the model); exclude "
+            "the sites with rewrite(..., sites=...) meanwhile."
+        )
     reference = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     with torch.no_grad():
-        want = pytree.tree_leaves(reference(*captured.args, **captured.kwargs))
-        got = pytree.tree_leaves(gm(*captured.args, **captured.kwargs))
+        want = pytree.tree_leaves(reference(*captured.args, **kwargs))
+        got = pytree.tree_leaves(gm(*captured.args, **kwargs))
     for a, b in zip(want, got):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            err = ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
-            if err > 1e-4:
-                raise AssertionError(
-                    f"canonical graph differs from the original: relative error {err:.2e}"
+            err = _relative_error(b, a)
+            if not err <= tolerance:
+                raise ParityError(
+                    "the canonical graph differs from the original model on the example "
+                    f"(relative error {err:.2e}) although every site matches: a graph edit "
+                    "outside the sites changed the model. Please report this."
                 )
-    print(f"[attnrewrite] debug: canonical graph matches the original ({len(want)} outputs)")
+    if verbose:
+        print(
+            f"[attnrewrite] debug: canonical graph matches the original ({len(outputs)} site(s), "
+            f"{len(want)} output(s))"
+        )
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max |want| over finite entries; non-finite entries must agree."""
+    got, want = got.detach().double(), want.detach().double()
+    if got.shape != want.shape:
+        return float("inf")
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    diff = (got - want)[finite].abs().max()
+    return (diff / want[finite].abs().max().clamp_min(1e-12)).item()
 
 
 def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:
@@ -276,5 +485,12 @@ def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:
         return (
             "the attention probabilities are used elsewhere (e.g. returned with "
             "output_attentions); no variant can reproduce them"
+        )
+    if site.attends_over == "channels" and not getattr(cls, "exact", False):
+        # A decision, not a limitation: the softmax runs over d channels with tokens contracted,
+        # so the site already costs O(N·d²); an approximation would lose accuracy for no saving.
+        return (
+            "channel attention (softmax over feature channels, tokens contracted) is already "
+            "linear in the sequence length; only exact variants are applied to it"
         )
     return cls.refuse(site)

@@ -139,3 +139,25 @@ def test_inductor_runs_the_rewritten_graphs() -> None:
     compiled = torch.compile(model, backend=backend)
     assert _max_error(compiled, _reference(model, "linear")) <= TOLERANCE
     assert backend.report.rewritten and backend.fallbacks == []
+
+
+def test_attention_outside_every_graph_is_said_in_the_notes() -> None:
+    """nn.TransformerEncoder in eval mode with a padding mask takes its fused fast path: no
+    softmax reaches the graph, and the report says so instead of staying silent."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    backend = ar.dynamo_backend("linear", compiler="eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(encoder, backend=backend)(x, src_key_padding_mask=pad)
+        ref = encoder(x, src_key_padding_mask=pad)
+    assert torch.allclose(out[0], ref[0], atol=1e-5)
+    report = backend.report
+    if report.sites:  # this torch traced the slow path: then the sites must be there and rewritten
+        assert report.rewritten
+    else:
+        assert any("ran outside the graphs" in note for note in report.notes), report.notes

@@ -31,6 +31,8 @@ class Case:
     escape: bool = False
     scale: float | None = None
     dynamic: bool = True  # whether a different length can be used after capture
+    refused: str = ""  # a site found but left as it is: a phrase of the reason
+    over: str = "tokens"  # AttentionSite.attends_over of the first site
 
 
 def _x(batch: int, length: int) -> tuple[Any, ...]:
@@ -527,3 +529,312 @@ CASES += [
     Case("nanogpt_buffer", NanoGPT, _x, 1, ("causal",), scale=S),
     Case("triu_full_inf", FullInfTriu, _x, 1, ("causal",), scale=S),
 ]
+
+
+# -- issue 12: spellings found in the wild (each is our own code, after the library named) ------
+
+
+def bias_before_scale(self, q, k, v):
+    # BROS / XLNet: the bias is added before the scale, softmax((q·kᵀ + b)·s).
+    n = q.shape[-2]
+    return (((q @ k.transpose(-2, -1)) + self.rel[:, :n, :n]) * S).softmax(-1) @ v
+
+
+def value_factor(self, q, k, v):
+    # MiMo-V2-Flash: a constant factor applied to the values inside the attention.
+    return (q @ k.transpose(-2, -1) * S).softmax(-1) @ (v * 0.707)
+
+
+def channels_first_values(self, q, k, v):
+    # EfficientViT-M / SHViT / CoAtNet Attention2d: values kept (B, H, d, N), v @ pᵀ.
+    p = (q @ k.transpose(-2, -1) * S).softmax(-1)
+    return (v.transpose(-2, -1) @ p.transpose(-2, -1)).transpose(-2, -1)
+
+
+def attention_sinks(self, q, k, v):
+    # gpt-oss: a learned per-head sink logit appended as an extra column, dropped after softmax.
+    b, h, n, _ = q.shape
+    scores = q @ k.transpose(-2, -1) * S
+    sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, n, -1)
+    logits = torch.cat([scores, sinks], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return F.softmax(logits, dim=-1)[..., :-1] @ v
+
+
+def multiplicative_causal(self, q, k, v):
+    # openai-gpt: w·b + (-1e4)·(1 − b) with a 0/1 tril buffer.
+    n = q.shape[-2]
+    b = self.tril[:, :, :n, :n]
+    w = q @ k.transpose(-2, -1) * S
+    return (w * b + -1e4 * (1 - b)).softmax(-1) @ v
+
+
+def max_floor_key_mask(self, q, k, v, pad):
+    # XGLM / OPT: torch.max(scores + mask, finfo.min) keeps sums of two masks finite.
+    mask = (~pad)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    w = q @ k.transpose(-2, -1) * S + mask
+    w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min))
+    return w.softmax(-1) @ v
+
+
+def post_softmax_mask(self, q, k, v, pad):
+    # CPM-Ant: the probabilities are zeroed again with the same mask, recomputed.
+    n = q.shape[-2]
+    keep = pad[:, None, None, :].expand(-1, 1, n, -1)
+    w = torch.masked_fill(q @ k.transpose(-2, -1) * S, keep == torch.tensor(False), float("-inf"))
+    p = torch.masked_fill(w.softmax(-1), keep == torch.tensor(False), 0.0)
+    return p @ v
+
+
+def post_softmax_other_mask(self, q, k, v, pad):
+    # Zeroing the probabilities with another mask than the scores' renormalises nothing: refused.
+    n = q.shape[-2]
+    drop = torch.rand(n) > 2.0  # all False, but not provably the scores' own mask
+    p = (q @ k.transpose(-2, -1) * S).softmax(-1).masked_fill(drop, 0.0)
+    return p @ v
+
+
+def sdpa_then_view(self, q, k, v):
+    # JetMoE: sdpa's output is (B, H, N, d) laid out as (B, N, H, d); transpose(1, 2).view relies
+    # on that layout, so the rewritten output must keep it.
+    out = F.scaled_dot_product_attention(q, k, v)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).view(b, n, h * d).view(b, n, h, d).transpose(1, 2)
+
+
+def preallocated_query(self, q, k, v):
+    # DeepSeek-V3 / MiniCPM3 (multi-head latent attention): q and k are assembled in place in
+    # preallocated tensors from a "nope" part and a rotary part, then used as usual.
+    half = HEAD_DIM // 2
+    query = q.new_empty(q.shape)
+    query[..., :half] = q[..., :half]
+    query[..., half:] = q[..., half:] * 2.0
+    key = k.new_empty(k.shape)
+    key[..., :half] = k[..., :half]
+    key[..., half:] = k[..., half:]
+    return (query @ key.transpose(-2, -1) * S).softmax(-1) @ v
+
+
+def bias_written_into_scores(self, q, k, v):
+    # timm MViTv2: a relative-position bias added in place into a view of the scores. The
+    # finder reads dataflow only, so the site is refused rather than losing the bias.
+    scores = q @ k.transpose(-2, -1) * S
+    scores[:, :, 1:, 1:] += self.rel[: scores.shape[1], 0:1, 0:1]
+    return scores.softmax(-1) @ v
+
+
+class AveragedWeights(nn.Module):
+    """nn.MultiheadAttention returning its head-averaged weights: found, weights escape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+
+    def forward(self, x):
+        out, weights = self.mha(x, x, x, need_weights=True)
+        return out + weights.sum(-1, keepdim=True)
+
+
+class ChannelAttention(nn.Module):
+    """XCiT's cross-covariance attention: q, k, v are (B, H, d, N), softmax over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+        self.temperature = nn.Parameter(torch.ones(HEADS, 1, 1))
+        self.proj = nn.Linear(D_MODEL, D_MODEL)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 4, 1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, H, d, d)
+        out = (attn @ v).permute(0, 3, 1, 2).reshape(b, n, D_MODEL)
+        return self.proj(out)
+
+
+CASES += [
+    Case(
+        "bias_before_scale",
+        manual(bias_before_scale, buffers={"rel": torch.randn(HEADS, 64, 64)}),
+        _x,
+        1,
+        ("general",),
+        scale=S,
+    ),
+    Case("value_factor", manual(value_factor), _x, 1, ("none",), scale=S),
+    Case("channels_first_values", manual(channels_first_values), _x, 1, ("none",), scale=S),
+    Case(
+        "attention_sinks",
+        manual(attention_sinks, buffers={"sinks": torch.randn(HEADS)}),
+        _x,
+        1,
+        ("none",),
+        refused="attention sinks",
+    ),
+    Case(
+        "multiplicative_causal",
+        manual(multiplicative_causal, buffers={"tril": _tril().view(1, 1, 64, 64)}),
+        _x,
+        1,
+        ("causal",),
+        scale=S,
+    ),
+    Case("max_floor_key_mask", manual(max_floor_key_mask), _x_pad, 1, ("key",), scale=S),
+    Case("post_softmax_mask", manual(post_softmax_mask), _x_pad, 1, ("key",), scale=S),
+    Case(
+        "post_softmax_other_mask",
+        manual(post_softmax_other_mask),
+        _x_pad,
+        1,
+        ("none",),
+        refused="masked after softmax",
+    ),
+    Case("mha_averaged_weights", AveragedWeights, _x, 1, ("none",), escape=True),
+    Case("sdpa_then_view", manual(sdpa_then_view), _x, 1, ("none",), scale=S),
+    Case("preallocated_query", manual(preallocated_query), _x, 1, ("none",)),
+    Case(
+        "bias_written_into_scores",
+        manual(bias_written_into_scores, buffers={"rel": torch.randn(HEADS, 4, 4)}),
+        _x,
+        1,
+        ("none",),
+        scale=S,
+        refused="writes in place",
+    ),
+    Case("channel_attention", ChannelAttention, _x, 1, ("none",), over="channels"),
+]
+
+
+# -- Shifted-window attention (Swin v1/v2; issue 12 item 2) ---------------------------------------
+# Windows are folded into the batch: scores are (B·nW, H, N, N), and the shift mask (nW, N, N), 0 or
+# -100 by whether two tokens come from the same image region, is added in a (B, nW, H) layout.
+# It depends on (window, i, j): general for kernel variants, exact for softmax at any batch size.
+SWIN_IMAGE, SWIN_WINDOW, SWIN_SHIFT = 8, 4, 2
+SWIN_TOKENS = SWIN_WINDOW * SWIN_WINDOW
+SWIN_REGIONS = ((0, -SWIN_WINDOW), (-SWIN_WINDOW, -SWIN_SHIFT), (-SWIN_SHIFT, None))
+
+
+def _image(batch: int, length: int) -> tuple[Any, ...]:
+    """A (B, C, H, W) feature map as after a patch embedding (the image size is fixed)."""
+    return (torch.randn(batch, D_MODEL, SWIN_IMAGE, SWIN_IMAGE),)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B·nW, window², C), as timm and torchvision partition windows."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def region_ids_to_shift_mask(windows: torch.Tensor) -> torch.Tensor:
+    """(nW, N) region ids -> (nW, N, N): 0 within a region, -100 across (timm and torchvision)."""
+    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def timm_shift_mask() -> torch.Tensor:
+    """timm's ``attn_mask`` buffer: a slice-assigned ``img_mask`` partitioned into windows."""
+    img_mask = torch.zeros(1, SWIN_IMAGE, SWIN_IMAGE, 1)
+    region = 0
+    for h0, h1 in SWIN_REGIONS:
+        for w0, w1 in SWIN_REGIONS:
+            img_mask[:, h0:h1, w0:w1, :] = region
+            region += 1
+    return region_ids_to_shift_mask(window_partition(img_mask, SWIN_WINDOW).view(-1, SWIN_TOKENS))
+
+
+class ShiftedWindowAttention(nn.Module):
+    """A shifted Swin block's attention: roll, partition, windowed attention with a relative
+    position bias and the shift mask, merge, roll back.
+
+    ``mask_in_forward``: torchvision builds the mask inside ``forward`` with in-place slice writes
+    (``shifted_window_attention``); timm stores it as the buffer ``attn_mask``. ``cosine``: Swin
+    v2's cosine attention with a learned, clamped logit scale instead of q·kᵀ/√d.
+    """
+
+    def __init__(self, mask_in_forward: bool = False, cosine: bool = False) -> None:
+        super().__init__()
+        self.mask_in_forward, self.cosine = mask_in_forward, cosine
+        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+        self.proj = nn.Linear(D_MODEL, D_MODEL)
+        self.relative_position_bias = nn.Parameter(
+            0.5 * torch.randn(HEADS, SWIN_TOKENS, SWIN_TOKENS)
+        )
+        if cosine:
+            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(HEADS, 1, 1)))
+        if not mask_in_forward:
+            self.register_buffer("attn_mask", timm_shift_mask(), persistent=False)
+
+    def shift_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's spelling: written region by region into ``x.new_zeros`` every call."""
+        regions = x.new_zeros((SWIN_IMAGE, SWIN_IMAGE))
+        count = 0
+        for h0, h1 in SWIN_REGIONS:
+            for w0, w1 in SWIN_REGIONS:
+                regions[h0:h1, w0:w1] = count
+                count += 1
+        side = SWIN_IMAGE // SWIN_WINDOW
+        regions = regions.view(side, SWIN_WINDOW, side, SWIN_WINDOW).permute(0, 2, 1, 3)
+        return region_ids_to_shift_mask(regions.reshape(-1, SWIN_TOKENS))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 2, 3, 1)
+        shifted = torch.roll(x, shifts=(-SWIN_SHIFT, -SWIN_SHIFT), dims=(1, 2))
+        windows = window_partition(shifted, SWIN_WINDOW)
+        bw, n, c = windows.shape
+        qkv = self.qkv(windows).reshape(bw, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.cosine:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            attn = (q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)
+        attn = attn + self.relative_position_bias.unsqueeze(0)
+        mask = self.shift_mask(x) if self.mask_in_forward else self.attn_mask
+        num_windows = mask.shape[0]
+        attn = attn.view(-1, num_windows, HEADS, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, HEADS, n, n).softmax(dim=-1)
+        out = self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+        out = window_reverse(out, SWIN_WINDOW, SWIN_IMAGE, SWIN_IMAGE)
+        return torch.roll(out, shifts=(SWIN_SHIFT, SWIN_SHIFT), dims=(1, 2)).permute(0, 3, 1, 2)
+
+
+CASES += [
+    Case(
+        "swin_shift_mask_buffer",
+        ShiftedWindowAttention,
+        _image,
+        1,
+        ("general",),
+        scale=HEAD_DIM**-0.5,
+    ),
+    Case(
+        "swin_shift_mask_in_forward",
+        lambda: ShiftedWindowAttention(mask_in_forward=True),
+        _image,
+        1,
+        ("general",),
+    ),
+    Case(
+        "swinv2_cosine_shift_mask",
+        lambda: ShiftedWindowAttention(cosine=True),
+        _image,
+        1,
+        ("general",),
+    ),
+    Case(
+        "swinv2_cosine_mask_in_forward",
+        lambda: ShiftedWindowAttention(mask_in_forward=True, cosine=True),
+        _image,
+        1,
+        ("general",),
+    ),
+]
+# -- end of the shifted-window block --------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
         assert [str(s.mask) for s in sites] == list(case.masks)
     for s in sites:
         assert s.num_heads == 4 or "heads folded into the batch" in s.notes
-        assert s.head_dim == 8 and s.value_dim == 8
+        if s.attends_over == "tokens":
+            assert s.head_dim == 8 and s.value_dim == 8
         assert s.causal == s.mask.is_causal
     if case.kv_heads is not None:
         assert sites[0].num_kv_heads == case.kv_heads
@@ -41,6 +42,8 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
         assert sites[0].weights_escape == case.escape
     if case.scale is not None:
         assert sites[0].scale == pytest.approx(case.scale, rel=1e-6)
+    if case.sites:
+        assert sites[0].attends_over == case.over
 
 
 @pytest.mark.parametrize(
@@ -49,8 +52,10 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
 def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "softmax", args=args)
-    expected_rewritten = 0 if case.escape else case.sites
+    expected_rewritten = 0 if case.escape or case.refused else case.sites
     assert len(rw.report.rewritten) == expected_rewritten, str(rw.report)
+    if case.refused:
+        assert all(case.refused in row.reason for row in rw.report.skipped), str(rw.report)
     torch.manual_seed(1)
     other = case.inputs(3, 11)
     with torch.no_grad():
@@ -65,7 +70,12 @@ def test_linear_rewrite_takes_kernel_masks_only(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "linear", args=args)
     for row in rw.report.sites:
-        keepable = row.site.mask != ar.MaskClass.GENERAL and not row.site.weights_escape
+        keepable = (
+            row.site.mask != ar.MaskClass.GENERAL
+            and not row.site.weights_escape
+            and not case.refused
+            and row.site.attends_over == "tokens"
+        )
         assert (row.status == "rewritten") == keepable, str(rw.report)
         if not keepable:
             assert row.reason

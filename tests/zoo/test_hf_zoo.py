@@ -41,7 +41,7 @@ def test_zoo_softmax_exact_and_linear_finite(zm: ZooModel, impl: str, built) -> 
     assert [str(s.mask) for s in sites] == list(zm.expected_masks)
     assert all(s.causal == s.mask.is_causal for s in sites)
 
-    exact = ar.rewrite(program, "softmax", kwargs=example)
+    exact = ar.rewrite(program, "softmax", kwargs=example, check=True)
     assert len(exact.report.rewritten) == len(sites), str(exact.report)
     other = zm.inputs(batch=3, length=11, seed=1)  # another batch size and length than captured
     with torch.no_grad():

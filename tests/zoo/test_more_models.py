@@ -75,7 +75,7 @@ def test_more_models(name: str) -> None:
     if masks is not None:
         assert [str(s.mask) for s in sites] == masks
     assert all(s.num_kv_heads == kv_heads for s in sites)
-    rw = ar.rewrite(model, "softmax", kwargs=example)
+    rw = ar.rewrite(model, "softmax", kwargs=example, check=True)
     if not rewritable:
         assert all(r.status == "skipped" and "soft-capping" in r.reason for r in rw.report.sites)
     else:
