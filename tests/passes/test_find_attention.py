@@ -51,7 +51,7 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
 )
 def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     model, args = _build(case)
-    rw = ar.rewrite(model, "softmax", args=args)
+    rw = ar.rewrite(model, "softmax", args=args, check=True)  # each site checked on the example
     expected_rewritten = 0 if case.escape or case.refused else case.sites
     assert len(rw.report.rewritten) == expected_rewritten, str(rw.report)
     if case.refused:
