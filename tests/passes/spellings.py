@@ -33,6 +33,7 @@ class Case:
     dynamic: bool = True  # whether a different length can be used after capture
     refused: str = ""  # a site found but left as it is: a phrase of the reason
     over: str = "tokens"  # AttentionSite.attends_over of the first site
+    slow: bool = False  # a twin of a fast case, run with -m slow only (keeps the default run short)
 
 
 def _x(batch: int, length: int) -> tuple[Any, ...]:
@@ -814,6 +815,7 @@ CASES += [
         1,
         ("general",),
         scale=HEAD_DIM**-0.5,
+        slow=True,
     ),
     Case(
         "swin_shift_mask_in_forward",
@@ -828,6 +830,7 @@ CASES += [
         _image,
         1,
         ("general",),
+        slow=True,
     ),
     Case(
         "swinv2_cosine_mask_in_forward",

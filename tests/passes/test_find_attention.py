@@ -12,6 +12,10 @@ from tests.passes.spellings import CASES, Case
 IDS = [c.name for c in CASES]
 
 
+def _params(cases: list[Case]) -> list:
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in cases]
+
+
 def _build(case: Case) -> tuple[torch.nn.Module, tuple]:
     torch.manual_seed(0)
     model = case.build().eval()
@@ -22,7 +26,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", _params(CASES))
 def test_sites_found_with_their_semantics(case: Case) -> None:
     model, args = _build(case)
     sites = ar.find_attention(model, args=args)
@@ -46,9 +50,7 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
         assert sites[0].attends_over == case.over
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites]
-)
+@pytest.mark.parametrize("case", _params([c for c in CASES if c.sites]))
 def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "softmax", args=args, check=True)  # each site checked on the example
@@ -63,9 +65,7 @@ def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
     assert _rel(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.sites], ids=[c.name for c in CASES if c.sites]
-)
+@pytest.mark.parametrize("case", _params([c for c in CASES if c.sites]))
 def test_linear_rewrite_takes_kernel_masks_only(case: Case) -> None:
     model, args = _build(case)
     rw = ar.rewrite(model, "linear", args=args)
