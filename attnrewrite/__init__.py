@@ -3,6 +3,7 @@
 Public API (see DESIGN.md)::
 
     sites = attnrewrite.find_attention(model, args=(x,))
+    prog = attnrewrite.canonicalize(model, args=(x,))   # every site one attnrewrite::attention op
     rw = attnrewrite.rewrite(model, "linear", args=(x,))
     print(rw.report)
 """
@@ -17,8 +18,8 @@ from attnrewrite.errors import (
     UnknownVariantError,
     VariantOptionError,
 )
-from attnrewrite.rewriter.report import Rejected, Report, SiteRow
-from attnrewrite.rewriter.rewrite import RewrittenModel, find_attention, rewrite
+from attnrewrite.rewriter.report import Rejected, Report, SiteRow, Status
+from attnrewrite.rewriter.rewrite import RewrittenModel, canonicalize, find_attention, rewrite
 from attnrewrite.site import AttentionSite, MaskClass
 from attnrewrite.variants import register_variant, variants
 from attnrewrite.variants.base import AttentionVariant
@@ -37,8 +38,10 @@ __all__ = [
     "Report",
     "RewrittenModel",
     "SiteRow",
+    "Status",
     "UnknownVariantError",
     "VariantOptionError",
+    "canonicalize",
     "find_attention",
     "register_variant",
     "rewrite",
@@ -57,7 +60,11 @@ def compile(model, backend: str = "inductor", **torch_compile_kwargs):  # noqa: 
 
 
 def export_onnx(model, path, args=None, kwargs=None, *, opset=None, **options):
-    """Export a (rewritten or original) model to ONNX (see ``attnrewrite.backends.onnx``)."""
+    """Export a (rewritten or original) model to ONNX (see ``attnrewrite.backends.onnx``).
+
+    With ``decode=True``, ``path`` is a directory: a rewritten causal decoder's prefill and step
+    graphs (``prefill.onnx``, ``step.onnx``, ``decode.json``) for ``onnx_session(path).generate``.
+    """
     from attnrewrite.backends.onnx import export_onnx as _export
 
     return _export(model, path, args=args, kwargs=kwargs, opset=opset, **options)
@@ -66,7 +73,9 @@ def export_onnx(model, path, args=None, kwargs=None, *, opset=None, **options):
 def onnx_session(path, providers=None, **options):
     """An ONNX Runtime session callable like the exported model (see
     ``attnrewrite.backends.onnx``). Outputs come back as containers; pass
-    ``output_classes=[...]`` to rebuild your own classes (nothing named in the file is imported)."""
+    ``output_classes=[...]`` to rebuild your own classes (nothing named in the file is imported).
+    On a directory from ``export_onnx(..., decode=True)``: a session with ``generate`` and
+    ``stream`` running the decoding loop in ONNX Runtime."""
     from attnrewrite.backends.onnx import onnx_session as _session
 
     return _session(path, providers=providers, **options)

@@ -1,4 +1,5 @@
-"""The ``attnrewrite`` command: ``inspect``, ``rewrite``, ``export``, ``bench``, ``variants``.
+"""The ``attnrewrite`` command: ``inspect``, ``rewrite``, ``export``, ``bench``, ``generate``,
+``variants``.
 
 Every verb takes a TARGET, one of (see ``attnrewrite.bench.targets``):
 
@@ -15,12 +16,14 @@ Nothing is downloaded (``HF_HUB_OFFLINE=1``). Examples::
     attnrewrite export bert --variant performer --option num_features=64 -o bert.onnx
     attnrewrite bench my_models.py:build --variant linear performer --seq-lens 256 1024 4096 \\
         --backend eager inductor --json out.json --plot out.png
+    attnrewrite generate llama --variant softmax --prompt-len 32 --new-tokens 16
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import inspect as pyinspect
 import os
 import sys
@@ -47,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnrewrite",
         description="Find softmax attention in a PyTorch model and rewrite it into efficient "
-                    "variants.",
+        "variants.",
         epilog="TARGET: 'module:factory' or 'file.py:factory' (returns (model, args, kwargs) or "
-               "(model, inputs_dict)), a local Hugging Face model directory, or a Hugging Face "
-               "model type such as bert, gpt2, llama (tiny, random weights).",
+        "(model, inputs_dict)), a local Hugging Face model directory, or a Hugging Face "
+        "model type such as bert, gpt2, llama (tiny, random weights).",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -58,22 +61,38 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("target", metavar="TARGET", help="model to load (see below)")
         sub.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
         if lengths:
-            sub.add_argument("--seq-len", type=int, default=32,
-                             help="example sequence length (default 32)")
+            sub.add_argument(
+                "--seq-len", type=int, default=32, help="example sequence length (default 32)"
+            )
         sub.add_argument("--seed", type=int, default=0, help="seed of weights, inputs, features")
-        sub.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"),
-                         help="Hugging Face attention implementation of HF targets")
-        sub.add_argument("--option", type=_parse_option, action="append", default=[],
-                         metavar="KEY=VALUE", help="variant option, repeatable "
-                         "(e.g. --option num_features=64)")
+        sub.add_argument(
+            "--hf-attn",
+            default="sdpa",
+            choices=("sdpa", "eager"),
+            help="Hugging Face attention implementation of HF targets",
+        )
+        sub.add_argument(
+            "--option",
+            type=_parse_option,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="variant option, repeatable (e.g. --option num_features=64)",
+        )
 
-    sub = verbs.add_parser("inspect", help="print the attention sites of TARGET",
-                           description="Print the attention sites of TARGET (and, with --variant, "
-                                       "what rewriting them would do).")
+    sub = verbs.add_parser(
+        "inspect",
+        help="print the attention sites of TARGET",
+        description="Print the attention sites of TARGET (and, with --variant, "
+        "what rewriting them would do).",
+    )
     common(sub)
     sub.add_argument("--variant", help="also print the rewrite report for this variant")
-    sub.add_argument("--debug", action="store_true",
-                     help="say why each softmax that is not attention was rejected")
+    sub.add_argument(
+        "--debug",
+        action="store_true",
+        help="say why each softmax that is not attention was rejected",
+    )
 
     sub = verbs.add_parser("rewrite", help="rewrite TARGET and save it with torch.export (.pt2)")
     common(sub)
@@ -90,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     common(sub, lengths=False)
     sub.add_argument("--variant", nargs="+", required=True, metavar="V")
     sub.add_argument("--seq-lens", nargs="+", type=int, required=True, metavar="N")
-    sub.add_argument("--backend", nargs="+", default=["eager"],
-                     choices=("eager", "inductor", "onnxruntime"))
+    sub.add_argument(
+        "--backend", nargs="+", default=["eager"], choices=("eager", "inductor", "onnxruntime")
+    )
     sub.add_argument("--repeats", type=int, default=5)
     sub.add_argument("--warmup", type=int, default=1)
     sub.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -102,18 +122,41 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--markdown", type=Path, help="write the Markdown tables")
     sub.add_argument("--output-dir", type=Path, help="keep ONNX files and worker files here")
 
+    sub = verbs.add_parser(
+        "generate",
+        help="rewrite a causal LM TARGET and compare its generation before/after",
+        description="Rewrite a causal language model, generate greedily with the original (Hugging "
+        "Face generate with its KV cache, else the whole sequence per token) and with "
+        "the rewritten model (prefill + one step per token), and print tokens/s and "
+        "whether the tokens agree. Hugging Face TARGETs get their LM head; the last "
+        "prompt of the batch is left-padded by a quarter.",
+    )
+    common(sub, lengths=False)
+    sub.add_argument("--variant", required=True)
+    sub.add_argument("--prompt-len", type=int, default=32, help="prompt length (default 32)")
+    sub.add_argument(
+        "--new-tokens", type=int, default=16, help="new tokens per sequence (default 16)"
+    )
+    sub.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
     verbs.add_parser("variants", help="list the registered attention variants")
     return parser
 
 
 # -- verbs ---------------------------------------------------------------------------------------
 
+
 def _load(ns: argparse.Namespace, max_length: int = 0) -> Any:
     from attnrewrite.bench.targets import TargetOptions, load_target
 
     seq_len = getattr(ns, "seq_len", None) or 32
-    options = TargetOptions(batch=ns.batch, seq_len=seq_len, max_length=max_length, seed=ns.seed,
-                            attn_implementation=ns.hf_attn)
+    options = TargetOptions(
+        batch=ns.batch,
+        seq_len=seq_len,
+        max_length=max_length,
+        seed=ns.seed,
+        attn_implementation=ns.hf_attn,
+    )
     with _status(f"loading {ns.target}"):
         return load_target(ns.target, options)
 
@@ -128,8 +171,14 @@ def _rewrite(ns: argparse.Namespace, target: Any) -> Any:
     import attnrewrite
 
     with _status(f"rewriting into {ns.variant}"):
-        return attnrewrite.rewrite(target.model, ns.variant, args=target.args,
-                                   kwargs=target.kwargs, seed=ns.seed, **dict(ns.option))
+        return attnrewrite.rewrite(
+            target.model,
+            ns.variant,
+            args=target.args,
+            kwargs=target.kwargs,
+            seed=ns.seed,
+            **dict(ns.option),
+        )
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:
@@ -140,16 +189,38 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 
     target = _load(ns)
     with _status("finding attention"):
-        sites = attnrewrite.find_attention(target.model, target.args, target.kwargs,
-                                           debug=ns.debug)
+        sites = attnrewrite.find_attention(target.model, target.args, target.kwargs, debug=ns.debug)
     table = Table(title=f"{len(sites)} attention site(s) in {target.description}")
-    for column in ("site", "kind", "heads", "kv heads", "head dim", "Nq", "Nk", "mask", "causal",
-                   "cross", "scale", "weights escape"):
+    for column in (
+        "site",
+        "kind",
+        "heads",
+        "kv heads",
+        "head dim",
+        "Nq",
+        "Nk",
+        "mask",
+        "causal",
+        "cross",
+        "scale",
+        "weights escape",
+    ):
         table.add_column(column)
     for s in sites:
-        table.add_row(s.name, s.kind, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim),
-                      str(s.query_len), str(s.key_len), str(s.mask), _yes(s.causal),
-                      _yes(s.is_cross), f"{s.scale:.4g}", _yes(s.weights_escape))
+        table.add_row(
+            s.name,
+            s.kind,
+            str(s.num_heads),
+            str(s.num_kv_heads),
+            str(s.head_dim),
+            str(s.query_len),
+            str(s.key_len),
+            str(s.mask),
+            _yes(s.causal),
+            _yes(s.is_cross),
+            f"{s.scale:.4g}",
+            _yes(s.weights_escape),
+        )
     console = Console(width=max(120, Console().width))
     console.print(table)
     if ns.variant:
@@ -161,8 +232,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _export_program(rewritten: Any, args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> tuple[Any, str]:
+def _export_program(
+    rewritten: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, str]:
     """``torch.export`` the rewritten model: batch and sequence axes dynamic, else static."""
     import torch
     from torch.utils import _pytree as pytree
@@ -171,12 +243,20 @@ def _export_program(rewritten: Any, args: tuple[Any, ...],
     auto = torch.export.Dim.AUTO
     try:
         bound = pyinspect.signature(graph_module.forward).bind(*args, **kwargs).arguments
-        shapes = {name: pytree.tree_map(
-            lambda x: {d: auto for d in range(min(2, x.dim()))}
-            if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
-            for name, value in bound.items()}
-        program = torch.export.export(graph_module, args, kwargs, dynamic_shapes=shapes,
-                                      strict=False)
+        shapes = {
+            name: pytree.tree_map(
+                lambda x: (
+                    {d: auto for d in range(min(2, x.dim()))}
+                    if isinstance(x, torch.Tensor) and x.dim() > 0
+                    else None
+                ),
+                value,
+            )
+            for name, value in bound.items()
+        }
+        program = torch.export.export(
+            graph_module, args, kwargs, dynamic_shapes=shapes, strict=False
+        )
         return program, "batch and sequence axes dynamic where the model allows"
     except Exception as dynamic_error:  # noqa: BLE001 - fall back to the static export below
         try:
@@ -188,8 +268,7 @@ def _export_program(rewritten: Any, args: tuple[Any, ...],
                 "The variant's forward must be export-traceable; try another variant or "
                 "`attnrewrite export` for ONNX"
             ) from exc
-        return program, (f"static shapes only (dynamic export failed: "
-                         f"{str(dynamic_error)[:160]})")
+        return program, (f"static shapes only (dynamic export failed: {str(dynamic_error)[:160]})")
 
 
 def _cmd_rewrite(ns: argparse.Namespace) -> int:
@@ -199,8 +278,10 @@ def _cmd_rewrite(ns: argparse.Namespace) -> int:
     rewritten = _rewrite(ns, target)
     print(rewritten.report)
     if not rewritten.report.rewritten:
-        print(f"warning: no site was rewritten into {ns.variant}; saving the model unchanged",
-              file=sys.stderr)
+        print(
+            f"warning: no site was rewritten into {ns.variant}; saving the model unchanged",
+            file=sys.stderr,
+        )
     with _status("torch.export"):
         program, how = _export_program(rewritten, target.args, target.kwargs)
     ns.output.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +299,9 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     ns.output.parent.mkdir(parents=True, exist_ok=True)
     with _status("exporting to ONNX"):
         try:
-            attnrewrite.export_onnx(rewritten, str(ns.output), args=target.args,
-                                    kwargs=target.kwargs, opset=ns.opset)
+            attnrewrite.export_onnx(
+                rewritten, str(ns.output), args=target.args, kwargs=target.kwargs, opset=ns.opset
+            )
         except ModuleNotFoundError as exc:
             raise AttnRewriteError(
                 f"the ONNX backend is not available ({exc}); install attnrewrite with its "
@@ -253,14 +335,29 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     from attnrewrite.bench.targets import TargetOptions
 
     lengths = sorted(ns.seq_lens)
-    options = TargetOptions(batch=ns.batch, seq_len=lengths[0], max_length=lengths[-1],
-                            seed=ns.seed, attn_implementation=ns.hf_attn)
+    options = TargetOptions(
+        batch=ns.batch,
+        seq_len=lengths[0],
+        max_length=lengths[-1],
+        seed=ns.seed,
+        attn_implementation=ns.hf_attn,
+    )
     start = time.perf_counter()
     result = attnrewrite.benchmark(
-        ns.target, _variant_options(ns.variant, dict(ns.option)), seq_lens=lengths,
-        backends=ns.backend, repeats=ns.repeats, warmup=ns.warmup, batch=ns.batch,
-        memory=not ns.no_memory, progress=not ns.no_progress, seed=ns.seed,
-        num_threads=ns.threads, output_dir=ns.output_dir, target_options=options)
+        ns.target,
+        _variant_options(ns.variant, dict(ns.option)),
+        seq_lens=lengths,
+        backends=ns.backend,
+        repeats=ns.repeats,
+        warmup=ns.warmup,
+        batch=ns.batch,
+        memory=not ns.no_memory,
+        progress=not ns.no_progress,
+        seed=ns.seed,
+        num_threads=ns.threads,
+        output_dir=ns.output_dir,
+        target_options=options,
+    )
     print(result.to_markdown())
     if ns.json:
         result.to_json(ns.json)
@@ -276,6 +373,80 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnrewrite.bench.generation import compare_generation
+    from attnrewrite.bench.targets import TargetOptions, load_target
+    from attnrewrite.variants import get_variant
+
+    if ns.prompt_len < 2 or ns.new_tokens < 1:
+        raise AttnRewriteError("--prompt-len must be at least 2 and --new-tokens at least 1")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    options = TargetOptions(
+        batch=ns.batch,
+        seq_len=ns.prompt_len,
+        max_length=ns.prompt_len + ns.new_tokens,
+        seed=ns.seed,
+        attn_implementation=ns.hf_attn,
+        causal_lm=True,
+    )
+    with _status(f"loading {ns.target}"):
+        target = load_target(ns.target, options)
+    ids = target.kwargs.get("input_ids", target.args[0] if target.args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise AttnRewriteError(
+            f"{ns.target}: generate needs token ids (B, N) as the first argument or input_ids="
+        )
+    mask = target.kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and ids.shape[0] > 1:
+        # Left padding on the last prompt: the case generation most often gets wrong.
+        mask = mask.clone()
+        mask[-1, : ns.prompt_len // 4] = 0
+        target = dataclasses.replace(target, kwargs={**target.kwargs, "attention_mask": mask})
+    rewritten = _rewrite(ns, target)
+    print(rewritten.report)
+    config = getattr(target.model, "generation_config", None)
+    with _status("generating"):
+        result = compare_generation(
+            target.model,
+            rewritten,
+            ids,
+            mask,
+            max_new_tokens=ns.new_tokens,
+            eos_token_id=getattr(config, "eos_token_id", None),
+            pad_token_id=getattr(config, "pad_token_id", None),
+        )
+    table = Table(
+        title=f"greedy generation, batch {ids.shape[0]}, prompt {ns.prompt_len}, "
+        f"{ns.new_tokens} new tokens: {target.description}"
+    )
+    for column in ("model", "new tokens", "seconds", "tokens/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for run in (result.before, result.after):
+        table.add_row(
+            run.label, str(run.new_tokens), f"{run.seconds:.3f}", f"{run.tokens_per_second:.1f}"
+        )
+    Console(width=max(120, Console().width)).print(table)
+    print(f"speed-up: {result.speedup:.2f}x")
+    difference = result.first_difference()
+    if difference is None:
+        print(f"greedy tokens agree: yes ({ids.shape[0]} x {result.after.new_tokens} tokens)")
+        return 0
+    sequence, index = difference
+    print(f"greedy tokens agree: no (first difference: sequence {sequence}, new token {index})")
+    if getattr(get_variant(ns.variant), "exact", False):
+        print(
+            f"error: {ns.variant} is exact, so its tokens must equal the original's",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_variants(ns: argparse.Namespace) -> int:
     from attnrewrite.variants import get_variant, variant_names
 
@@ -288,8 +459,14 @@ def _cmd_variants(ns: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"inspect": _cmd_inspect, "rewrite": _cmd_rewrite, "export": _cmd_export,
-          "bench": _cmd_bench, "variants": _cmd_variants}
+_VERBS = {
+    "inspect": _cmd_inspect,
+    "rewrite": _cmd_rewrite,
+    "export": _cmd_export,
+    "bench": _cmd_bench,
+    "generate": _cmd_generate,
+    "variants": _cmd_variants,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,3 +80,8 @@ class OnnxExportError(BackendError):
 
 class ParityError(AttnRewriteError, AssertionError):
     """``rewrite(..., check=True)``: the canonical graph does not reproduce the original model."""
+
+
+class DecodeError(AttnRewriteError):
+    """A rewritten model that cannot be decoded one token at a time (the message names the site
+    or node), or a decode that does not reproduce the parallel forward."""

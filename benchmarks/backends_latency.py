@@ -48,8 +48,12 @@ from attnrewrite.backends.onnx import onnx_session  # noqa: E402
 HIDDEN, LAYERS, HEADS, FFN, VOCAB = 256, 4, 4, 1024, 1000
 EXAMPLE_LENGTH = 64
 BACKENDS = ("eager", "inductor", "ort", "ort_fused")
-BACKEND_TITLES = {"eager": "PyTorch eager", "inductor": "Inductor", "ort": "ORT",
-                  "ort_fused": "ORT + fusions"}
+BACKEND_TITLES = {
+    "eager": "PyTorch eager",
+    "inductor": "Inductor",
+    "ort": "ORT",
+    "ort_fused": "ORT + fusions",
+}
 
 
 def build_model(max_length: int) -> torch.nn.Module:
@@ -57,8 +61,13 @@ def build_model(max_length: int) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, max_position_embeddings=max_length)
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=max_length,
+    )
     return transformers.AutoModel.from_config(config, attn_implementation="sdpa").eval()
 
 
@@ -66,7 +75,7 @@ def make_inputs(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tenso
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[-1, length - length // 8:] = 0  # real padding on the last example
+    mask[-1, length - length // 8 :] = 0  # real padding on the last example
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -85,8 +94,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def runners(model: torch.nn.Module, folder: Path, tag: str, threads: int
-            ) -> dict[str, Callable[..., Any]]:
+def runners(
+    model: torch.nn.Module, folder: Path, tag: str, threads: int
+) -> dict[str, Callable[..., Any]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -94,8 +104,9 @@ def runners(model: torch.nn.Module, folder: Path, tag: str, threads: int
     options.inter_op_num_threads = 1
     example = make_inputs(2, EXAMPLE_LENGTH)
     plain = ar.export_onnx(model, folder / f"{tag}.onnx", kwargs=example)
-    fused = ar.export_onnx(model, folder / f"{tag}-fused.onnx", kwargs=example,
-                           optimize_original=True)
+    fused = ar.export_onnx(
+        model, folder / f"{tag}-fused.onnx", kwargs=example, optimize_original=True
+    )
     return {
         "eager": model,
         "inductor": ar.compile(model, backend="inductor"),
@@ -121,8 +132,10 @@ def main() -> None:
     assert len(rewritten.report.rewritten) == LAYERS, str(rewritten.report)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        models = {"before (softmax, SDPA)": runners(model, Path(tmp), "before", args.threads),
-                  "after (linear)": runners(rewritten, Path(tmp), "after", args.threads)}
+        models = {
+            "before (softmax, SDPA)": runners(model, Path(tmp), "before", args.threads),
+            "after (linear)": runners(rewritten, Path(tmp), "after", args.threads),
+        }
         for length in args.lengths:
             inputs = make_inputs(args.batch, length, seed=1)
             for label, run in models.items():
@@ -132,8 +145,10 @@ def main() -> None:
                     ms = median_ms(lambda r=run[backend], x=inputs: r(**x), args.repeats)
                     error = relative_error(run[backend](**inputs).last_hidden_state, reference)
                     cells[backend] = (ms, error)
-                    print(f"N={length} {label} {backend}: {ms:.1f} ms (rel. err {error:.1e})",
-                          file=sys.stderr)
+                    print(
+                        f"N={length} {label} {backend}: {ms:.1f} ms (rel. err {error:.1e})",
+                        file=sys.stderr,
+                    )
                 rows.append((length, label, cells))
 
     lines = [
@@ -154,8 +169,9 @@ def main() -> None:
     for length in args.lengths:
         before = next(c for n, label, c in rows if n == length and label.startswith("before"))
         after = next(c for n, label, c in rows if n == length and label.startswith("after"))
-        ratios = ", ".join(f"{BACKEND_TITLES[b]} {before[b][0] / after[b][0]:.2f}×"
-                           for b in BACKENDS)
+        ratios = ", ".join(
+            f"{BACKEND_TITLES[b]} {before[b][0] / after[b][0]:.2f}×" for b in BACKENDS
+        )
         lines.append(f"- N={length}: before/after speed-up: {ratios}.")
     table = "\n".join(lines)
     print(table)

@@ -71,13 +71,18 @@ def timed(fn, repeats: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
-    parser.add_argument("--all-variants-on", default="einsum",
-                        help="model to run every variant on; the others run softmax and linear")
+    parser.add_argument(
+        "--all-variants-on",
+        default="einsum",
+        help="model to run every variant on; the others run softmax and linear",
+    )
     args = parser.parse_args()
     device = "cuda"
     lines = [f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", ""]
-    lines += ["| model | variant | rewritten/sites | inductor vs eager (rel) | eager vs original |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "| model | variant | rewritten/sites | inductor vs eager (rel) | eager vs original |",
+        "|---|---|---|---|---|",
+    ]
     for name, model, make, hidden in models(device):
         a, k = make(2, 16)
         other_a, other_k = make(3, 37, seed=1)
@@ -94,35 +99,50 @@ def main() -> None:
                 with torch.no_grad():
                     eager = hidden(rw(*other_a, **other_k))
                     comp = hidden(compiled(*other_a, **other_k))
-                lines.append(f"| {name} | {variant} | {counts.get('rewritten', 0)}/"
-                             f"{len(rw.report.sites)} | {rel(comp, eager):.1e} | "
-                             f"{rel(eager, ref):.1e} |")
+                lines.append(
+                    f"| {name} | {variant} | {counts.get('rewritten', 0)}/"
+                    f"{len(rw.report.sites)} | {rel(comp, eager):.1e} | "
+                    f"{rel(eager, ref):.1e} |"
+                )
             except Exception as exc:  # noqa: BLE001 - report and go on
-                lines.append(f"| {name} | {variant} | error | {type(exc).__name__}: "
-                             f"{str(exc)[:80]} | |")
+                lines.append(
+                    f"| {name} | {variant} | error | {type(exc).__name__}: {str(exc)[:80]} | |"
+                )
                 traceback.print_exc()
             print(lines[-1], flush=True)
 
     import onnxruntime
 
-    lines += ["", f"onnxruntime {onnxruntime.__version__} providers: "
-              f"{onnxruntime.get_available_providers()}", ""]
+    lines += [
+        "",
+        f"onnxruntime {onnxruntime.__version__} providers: {onnxruntime.get_available_providers()}",
+        "",
+    ]
 
     import transformers
 
-    config = transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     intermediate_size=1024, vocab_size=1000,
-                                     max_position_embeddings=4096)
+    config = transformers.BertConfig(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+    )
     bert = transformers.BertModel(config, add_pooling_layer=False).eval().to(device)
     lines += ["| N | original inductor ms | linear inductor ms | speed-up |", "|---|---|---|---|"]
-    example = {"input_ids": torch.randint(0, 1000, (2, 64), device=device),
-               "attention_mask": torch.ones(2, 64, dtype=torch.long, device=device)}
+    example = {
+        "input_ids": torch.randint(0, 1000, (2, 64), device=device),
+        "attention_mask": torch.ones(2, 64, dtype=torch.long, device=device),
+    }
     rw = ar.rewrite(bert, "linear", kwargs=example)
     base = torch.compile(bert, dynamic=True)
     fast = ar.compile(rw, backend="inductor")
     for n in (512, 2048):
-        kw = {"input_ids": torch.randint(0, 1000, (2, n), device=device),
-              "attention_mask": torch.ones(2, n, dtype=torch.long, device=device)}
+        kw = {
+            "input_ids": torch.randint(0, 1000, (2, n), device=device),
+            "attention_mask": torch.ones(2, n, dtype=torch.long, device=device),
+        }
         with torch.no_grad():
             t0 = timed(lambda kw=kw: base(**kw))
             t1 = timed(lambda kw=kw: fast(**kw))

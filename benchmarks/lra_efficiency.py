@@ -59,8 +59,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        query, key, value = self.qkv(x).view(batch, length, 3, HEADS, EMBED // HEADS) \
-            .permute(2, 0, 3, 1, 4)
+        query, key, value = (
+            self.qkv(x).view(batch, length, 3, HEADS, EMBED // HEADS).permute(2, 0, 3, 1, 4)
+        )
         if self.manual:
             scores = query @ key.transpose(-2, -1) / math.sqrt(EMBED // HEADS)
             context = scores.softmax(-1) @ value
@@ -148,18 +149,29 @@ def variant_options(max_length: int) -> dict[str, dict]:
 def table2(result, backend: str) -> str:
     """LRA Table 2 layout for one backend: steps/s and peak memory, relative to softmax (SDPA)."""
     lengths = result.lengths
-    head = ["variant"] + [f"speed {n // 1024 if n % 1024 == 0 else n}"
-                          f"{'K' if n % 1024 == 0 else ''}" for n in lengths] \
-        + [f"memory {n // 1024 if n % 1024 == 0 else n}{'K' if n % 1024 == 0 else ''}"
-           for n in lengths] + ["max rel err (max N)", "crossover N"]
+    head = (
+        ["variant"]
+        + [
+            f"speed {n // 1024 if n % 1024 == 0 else n}{'K' if n % 1024 == 0 else ''}"
+            for n in lengths
+        ]
+        + [
+            f"memory {n // 1024 if n % 1024 == 0 else n}{'K' if n % 1024 == 0 else ''}"
+            for n in lengths
+        ]
+        + ["max rel err (max N)", "crossover N"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     crossover = {c.variant: c.describe() for c in result.crossovers if c.backend == backend}
     for variant in result.variants:
         rows = {r.length: r for r in result.rows if r.backend == backend and r.variant == variant}
         if not any(r.ok for r in rows.values()):
             status = next(iter(rows.values())).status if rows else "not run"
-            lines.append(f"| {variant} | " + " | ".join(["-"] * (2 * len(lengths) + 1))
-                         + f" | {status[:90]} |")
+            lines.append(
+                f"| {variant} | "
+                + " | ".join(["-"] * (2 * len(lengths) + 1))
+                + f" | {status[:90]} |"
+            )
             continue
         speed, memory = [], []
         for n in lengths:
@@ -175,10 +187,13 @@ def table2(result, backend: str) -> str:
                 memory.append(f"{r.memory_ratio:.2f}x" if r.memory_ratio else "-")
         last = rows.get(lengths[-1])
         error = f"{last.max_rel_error:.1e}" if last and last.max_rel_error is not None else "-"
-        name = {"original": "Transformer (SDPA, original)",
-                "softmax": "softmax (rewritten, exact)"}.get(variant, variant)
-        lines.append("| " + " | ".join([name, *speed, *memory, error,
-                                        crossover.get(variant, "-")]) + " |")
+        name = {
+            "original": "Transformer (SDPA, original)",
+            "softmax": "softmax (rewritten, exact)",
+        }.get(variant, variant)
+        lines.append(
+            "| " + " | ".join([name, *speed, *memory, error, crossover.get(variant, "-")]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -226,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 3072, 4096])
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help="default: every registered variant")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="default: every registered variant"
+    )
     parser.add_argument("--backends", nargs="+", default=["eager", "inductor"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -235,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--name", default="lra_efficiency", help="results file stem")
-    parser.add_argument("--update-benchmarks-md", action="store_true",
-                        help="rewrite the LRA section of BENCHMARKS.md with this run")
+    parser.add_argument(
+        "--update-benchmarks-md",
+        action="store_true",
+        help="rewrite the LRA section of BENCHMARKS.md with this run",
+    )
     ns = parser.parse_args(argv)
 
     max_length = max(ns.lengths)
@@ -248,18 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     factory = "lra_text_model" if ns.baseline == "sdpa" else "lra_text_model_manual"
     start = time.perf_counter()
     result = attnrewrite.benchmark(
-        f"{Path(__file__).resolve()}:{factory}", {n: options.get(n, {}) for n in names},
-        seq_lens=ns.lengths, backends=ns.backends, repeats=ns.repeats, batch=ns.batch,
-        memory=not ns.no_memory, num_threads=ns.threads)
+        f"{Path(__file__).resolve()}:{factory}",
+        {n: options.get(n, {}) for n in names},
+        seq_lens=ns.lengths,
+        backends=ns.backends,
+        repeats=ns.repeats,
+        batch=ns.batch,
+        memory=not ns.no_memory,
+        num_threads=ns.threads,
+    )
     elapsed = time.perf_counter() - start
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = result.to_json(RESULTS / f"{ns.name}.json")
-    plot = plot_result(result, RESULTS / f"{ns.name}.png",
-                       title=f"LRA text model, batch {ns.batch}, forward only "
-                             f"({', '.join(result.backends)})")
-    command = "python benchmarks/lra_efficiency.py " + shlex.join(sys.argv[1:] if argv is None
-                                                                    else argv)
+    plot = plot_result(
+        result,
+        RESULTS / f"{ns.name}.png",
+        title=f"LRA text model, batch {ns.batch}, forward only ({', '.join(result.backends)})",
+    )
+    command = "python benchmarks/lra_efficiency.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     body = report(result, command.strip(), plot, json_path, elapsed)
     (RESULTS / f"{ns.name}.md").write_text(body + "\n")
     print(body)

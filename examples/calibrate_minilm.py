@@ -105,15 +105,21 @@ def _prose_sentences(doc: str) -> list[str]:
     sentences = []
     for block in doc.split("\n\n"):
         lines = block.splitlines()
-        if any(line.startswith((" ", "\t", ">>>", "-", "*", "|", "+", "=", ":", ".."))
-               for line in lines):
+        if any(
+            line.startswith((" ", "\t", ">>>", "-", "*", "|", "+", "=", ":", ".."))
+            for line in lines
+        ):
             continue
         text = " ".join(line.strip() for line in lines)
         for sentence in _SENTENCE_END.split(text):
             words = sentence.split()
             letters = sum(c.isalpha() or c.isspace() for c in sentence)
-            if (SENTENCE_WORDS[0] <= len(words) <= SENTENCE_WORDS[1] and sentence[0].isupper()
-                    and sentence.endswith(".") and letters >= 0.85 * len(sentence)):
+            if (
+                SENTENCE_WORDS[0] <= len(words) <= SENTENCE_WORDS[1]
+                and sentence[0].isupper()
+                and sentence.endswith(".")
+                and letters >= 0.85 * len(sentence)
+            ):
                 sentences.append(sentence)
     return sentences
 
@@ -144,8 +150,11 @@ def stdlib_text(tokenizer: Any, held_out_share: float = 0.25) -> dict[str, dict[
         # Paragraphs: consecutive sentences of one file until just under the model's limit.
         paragraph: list[str] = []
         length = 0
-        counts = tokenizer(file_sentences, add_special_tokens=False)["input_ids"] \
-            if file_sentences else []
+        counts = (
+            tokenizer(file_sentences, add_special_tokens=False)["input_ids"]
+            if file_sentences
+            else []
+        )
         for sentence, ids in zip(file_sentences, counts, strict=True):
             if length + len(ids) > MAX_TOKENS - 2:
                 if length >= 200:
@@ -170,10 +179,14 @@ def batches(tokenizer: Any, texts: list[str], batch_size: int) -> list[dict[str,
     ordered = [t for _, t in sorted(zip((len(ids) for ids in lengths), texts, strict=True))]
     out = []
     for start in range(0, len(ordered), batch_size):
-        encoded = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True,
-                            max_length=MAX_TOKENS, return_tensors="pt")
-        out.append({"input_ids": encoded["input_ids"],
-                    "attention_mask": encoded["attention_mask"]})
+        encoded = tokenizer(
+            ordered[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=MAX_TOKENS,
+            return_tensors="pt",
+        )
+        out.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
     return out
 
 
@@ -204,8 +217,11 @@ def compare(reference: Tensor, embeddings: Tensor) -> dict[str, float]:
     upper = torch.triu_indices(len(reference), len(reference), offset=1)
     pairs_ref = (reference @ reference.T)[upper[0], upper[1]]
     pairs_new = (embeddings @ embeddings.T)[upper[0], upper[1]]
-    return {"mean": float(cosine.mean()), "min": float(cosine.min()),
-            "spearman": spearman(pairs_ref, pairs_new)}
+    return {
+        "mean": float(cosine.mean()),
+        "min": float(cosine.min()),
+        "spearman": spearman(pairs_ref, pairs_new),
+    }
 
 
 # -- the experiment --------------------------------------------------------------------------------
@@ -220,8 +236,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The LoLCATs hybrid: exact softmax weights within w positions (block-aligned: up to 2w − 1)
     # and on [CLS], the learned Hedgehog kernel on every other key. At this model's 256 tokens a
     # 64-token window covers 128–192 of them: the speed-up of a window only comes at longer N.
-    **{f"hedgehog+window{w}": ("hedgehog", {"feature_dim": 64, "window": w, "global_tokens": 1})
-       for w in (16, 32, 64)},
+    **{
+        f"hedgehog+window{w}": ("hedgehog", {"feature_dim": 64, "window": w, "global_tokens": 1})
+        for w in (16, 32, 64)
+    },
 }
 #: Calibrated by default (``--variants`` picks others, e.g. hedgehog+window16).
 DEFAULT_VARIANTS = ["hedgehog", "t2r", "linformer", "hedgehog+window32", "hedgehog+window64"]
@@ -239,23 +257,34 @@ Scores = dict[str, dict[str, float]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
-                        choices=list(BASELINES))
-    parser.add_argument("--minutes", type=float, default=10.0,
-                        help="calibration budget per variant, both steps together")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="calibration budget per variant, both steps together",
+    )
     parser.add_argument("--steps", type=int, default=1000, help="per-site steps")
-    parser.add_argument("--end-to-end", type=int, default=1000,
-                        help="end-to-end steps (0: none)")
+    parser.add_argument("--end-to-end", type=int, default=1000, help="end-to-end steps (0: none)")
     parser.add_argument("--lr", type=float, default=None, help="per-site lr (default: calibrate's)")
     parser.add_argument("--loss", default="mse", choices=["mse", "attn_kl"])
-    parser.add_argument("--feature-dim", type=int, default=None,
-                        help="feature_dim of hedgehog / t2r (default: see VARIANTS)")
+    parser.add_argument(
+        "--feature-dim",
+        type=int,
+        default=None,
+        help="feature_dim of hedgehog / t2r (default: see VARIANTS)",
+    )
     parser.add_argument("--calibration-sentences", type=int, default=512)
     parser.add_argument("--calibration-paragraphs", type=int, default=128)
-    parser.add_argument("--held-out", type=int, default=128,
-                        help="held-out sentences (and a quarter as many paragraphs)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (see the note in main)")
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=128,
+        help="held-out sentences (and a quarter as many paragraphs)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (see the note in main)"
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     options = parser.parse_args()
 
@@ -266,26 +295,32 @@ def main() -> None:
     torch.manual_seed(0)
     encoder, tokenizer = load_encoder()
     text = stdlib_text(tokenizer)
-    calibration = (
-        batches(tokenizer, _spread(text["calibration"]["sentences"],
-                                   options.calibration_sentences), 16)
-        + batches(tokenizer, _spread(text["calibration"]["paragraphs"],
-                                     options.calibration_paragraphs), 4))
+    calibration = batches(
+        tokenizer, _spread(text["calibration"]["sentences"], options.calibration_sentences), 16
+    ) + batches(
+        tokenizer, _spread(text["calibration"]["paragraphs"], options.calibration_paragraphs), 4
+    )
     held_out = {
-        "sentences": batches(tokenizer, _spread(text["held_out"]["sentences"],
-                                                options.held_out), 64),
-        "paragraphs": batches(tokenizer, _spread(text["held_out"]["paragraphs"],
-                                                 options.held_out // 4), 16),
+        "sentences": batches(
+            tokenizer, _spread(text["held_out"]["sentences"], options.held_out), 64
+        ),
+        "paragraphs": batches(
+            tokenizer, _spread(text["held_out"]["paragraphs"], options.held_out // 4), 16
+        ),
     }
     counts = {k: sum(len(b["input_ids"]) for b in v) for k, v in held_out.items()}
     calibration_tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
-    print(f"calibration: {len(calibration)} batches, {calibration_tokens} tokens; held out: "
-          f"{counts['sentences']} sentences, {counts['paragraphs']} paragraphs")
+    print(
+        f"calibration: {len(calibration)} batches, {calibration_tokens} tokens; held out: "
+        f"{counts['sentences']} sentences, {counts['paragraphs']} paragraphs"
+    )
     reference = {name: embed(encoder, inputs) for name, inputs in held_out.items()}
 
     def scores(model: nn.Module) -> Scores:
-        return {name: compare(reference[name], embed(model, inputs))
-                for name, inputs in held_out.items()}
+        return {
+            name: compare(reference[name], embed(model, inputs))
+            for name, inputs in held_out.items()
+        }
 
     rows = []
     for label in options.baselines:
@@ -302,15 +337,26 @@ def main() -> None:
         rewritten = ar.rewrite(encoder, variant, kwargs=calibration[0], **rewrite_options)
         row = _Row(label, rewrite_options, scores(rewritten))
         per_site = ar.calibrate(
-            rewritten, pairs, steps=options.steps, lr=options.lr, loss=options.loss,
-            max_seconds=budget * (PER_SITE_SHARE if options.end_to_end else 1.0))
+            rewritten,
+            pairs,
+            steps=options.steps,
+            lr=options.lr,
+            loss=options.loss,
+            max_seconds=budget * (PER_SITE_SHARE if options.end_to_end else 1.0),
+        )
         print(per_site)
         row.per_site, row.per_site_result = scores(rewritten), per_site
         if options.end_to_end:
             # A second call with steps=0 runs only the end-to-end step, from the calibrated sites,
             # in what is left of the budget.
-            e2e = ar.calibrate(rewritten, pairs, steps=0, end_to_end=options.end_to_end,
-                               lr=options.lr, max_seconds=budget - per_site.seconds)
+            e2e = ar.calibrate(
+                rewritten,
+                pairs,
+                steps=0,
+                end_to_end=options.end_to_end,
+                lr=options.lr,
+                max_seconds=budget - per_site.seconds,
+            )
             print(e2e)
             row.end_to_end, row.end_to_end_result = scores(rewritten), e2e
         rows.append(row)
@@ -341,8 +387,14 @@ def _cells(scores: Scores | None, text: str) -> str:
     return f"{s['mean']:.4f} / {s['min']:.4f} / {s['spearman']:.4f}"
 
 
-def _table(rows: list[_Row], options: argparse.Namespace, batches_: int, tokens: int,
-           counts: dict[str, int], command: str) -> str:
+def _table(
+    rows: list[_Row],
+    options: argparse.Namespace,
+    batches_: int,
+    tokens: int,
+    counts: dict[str, int],
+    command: str,
+) -> str:
     lines = [
         f"Command: `{command}` (torch {torch.__version__}, {options.threads} thread(s)).",
         "",
@@ -358,14 +410,18 @@ def _table(rows: list[_Row], options: argparse.Namespace, batches_: int, tokens:
     for row in rows:
         shown = ", ".join(f"{k}={v}" for k, v in row.options.items()) or "-"
         site, e2e = row.per_site_result, row.end_to_end_result
-        site_time = "uncalibrated" if site is None else \
-            f"{site.seconds:.0f} ({max(r.steps for r in site.rows)})"
+        site_time = (
+            "uncalibrated"
+            if site is None
+            else f"{site.seconds:.0f} ({max(r.steps for r in site.rows)})"
+        )
         e2e_time = "-" if e2e is None else f"{e2e.seconds:.0f} ({e2e.end_to_end.steps})"
         for text in row.before:
             lines.append(
                 f"| {row.variant} | {shown} | {text} | {_cells(row.before, text)} "
                 f"| {_cells(row.per_site, text)} | {_cells(row.end_to_end, text)} "
-                f"| {site_time} | {e2e_time} |")
+                f"| {site_time} | {e2e_time} |"
+            )
     return "\n".join(lines)
 
 

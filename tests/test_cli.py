@@ -72,10 +72,30 @@ def test_export_writes_onnx_or_names_the_missing_backend(tmp_path, capsys):
 
 def test_bench_writes_json_plot_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
-    status = main(["bench", TARGET, "--variant", "softmax", "linear", "--seq-lens", "16", "64",
-                   "--repeats", "2", "--threads", "1", "--no-memory", "--no-progress",
-                   "--json", str(out / "b.json"), "--plot", str(out / "b.png"),
-                   "--markdown", str(out / "b.md")])
+    status = main(
+        [
+            "bench",
+            TARGET,
+            "--variant",
+            "softmax",
+            "linear",
+            "--seq-lens",
+            "16",
+            "64",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--no-memory",
+            "--no-progress",
+            "--json",
+            str(out / "b.json"),
+            "--plot",
+            str(out / "b.png"),
+            "--markdown",
+            str(out / "b.md"),
+        ]
+    )
     assert status == 0
     data = json.loads((out / "b.json").read_text())
     assert {r["variant"] for r in data["rows"]} == {"original", "softmax", "linear"}
@@ -85,8 +105,19 @@ def test_bench_writes_json_plot_and_markdown(tmp_path, capsys):
 
 
 def test_bench_rejects_an_option_no_variant_has(capsys):
-    status = main(["bench", TARGET, "--variant", "linear", "--seq-lens", "16", "--no-memory",
-                   "--option", "num_landmarks=8"])
+    status = main(
+        [
+            "bench",
+            TARGET,
+            "--variant",
+            "linear",
+            "--seq-lens",
+            "16",
+            "--no-memory",
+            "--option",
+            "num_landmarks=8",
+        ]
+    )
     assert status == 2 and "num_landmarks" in capsys.readouterr().err
 
 
@@ -97,13 +128,16 @@ def test_inspect_a_tiny_hugging_face_model(capsys):
     assert "2 attention site(s)" in out and "key" in out
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    ("no_such_model_type", "'module:factory'"),
-    ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
-    ("tests.test_cli:missing", "has no callable 'missing'"),
-    ("tests.test_cli:not_a_model", "must return (model, args, kwargs)"),
-    ("missing_file.py:build", "no file"),
-])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_such_model_type", "'module:factory'"),
+        ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+        ("tests.test_cli:missing", "has no callable 'missing'"),
+        ("tests.test_cli:not_a_model", "must return (model, args, kwargs)"),
+        ("missing_file.py:build", "no file"),
+    ],
+)
 def test_bad_targets_list_the_forms(target, message, capsys):
     assert main(["inspect", target]) == 2
     err = capsys.readouterr().err
@@ -119,7 +153,12 @@ def test_a_directory_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_entry_point_in_a_subprocess():
-    done = subprocess.run([sys.executable, "-m", "attnrewrite.cli", "inspect", "nope"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "attnrewrite.cli", "inspect", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     assert "unknown TARGET 'nope'" in done.stderr

@@ -46,7 +46,7 @@ class DataDependent(PaddedAttention):
 
 def _inputs(batch: int = 2, length: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     pad = torch.ones(batch, length, dtype=torch.bool)
-    pad[-1, length // 2:] = False
+    pad[-1, length // 2 :] = False
     return torch.randn(batch, length, D_MODEL), pad
 
 
@@ -100,8 +100,7 @@ def test_unknown_variant_is_refused_before_capture(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("call", ["find_attention", "rewrite"])
 def test_missing_example_inputs(model: nn.Module, call: str) -> None:
-    fn = ar.find_attention if call == "find_attention" else (
-        lambda m: ar.rewrite(m, "linear"))
+    fn = ar.find_attention if call == "find_attention" else (lambda m: ar.rewrite(m, "linear"))
     with pytest.raises(ar.InputMismatchError) as info:
         fn(model)
     _ours(info.value)
@@ -141,20 +140,33 @@ def test_uncapturable_model_names_the_dynamo_path(call: str) -> None:
 @pytest.mark.parametrize(
     ("variant", "options", "pattern"),
     [
-        ("linear", {"chunk_size": "big"},
-         r"option chunk_size='big' of variant 'linear' must be of type int, not str"),
-        ("linear", {"chunk_size": True},
-         r"option chunk_size=True of variant 'linear' must be of type int, not bool"),
-        ("linear", {"chunk_size": 2.5},
-         r"option chunk_size=2\.5 of variant 'linear' must be of type int, not float"),
-        ("performer", {"num_features": "64"},
-         r"option num_features='64' of variant 'performer' must be of type"),
+        (
+            "linear",
+            {"chunk_size": "big"},
+            r"option chunk_size='big' of variant 'linear' must be of type int, not str",
+        ),
+        (
+            "linear",
+            {"chunk_size": True},
+            r"option chunk_size=True of variant 'linear' must be of type int, not bool",
+        ),
+        (
+            "linear",
+            {"chunk_size": 2.5},
+            r"option chunk_size=2\.5 of variant 'linear' must be of type int, not float",
+        ),
+        (
+            "performer",
+            {"num_features": "64"},
+            r"option num_features='64' of variant 'performer' must be of type",
+        ),
         ("linear", {"chunk_size": 0}, r"variant 'linear': chunk_size must be positive, got 0"),
     ],
     ids=["str-for-int", "bool-for-int", "float-for-int", "performer-str", "bad-value"],
 )
-def test_variant_option_of_the_wrong_type_or_value(model: nn.Module, variant: str,
-                                                   options: dict, pattern: str) -> None:
+def test_variant_option_of_the_wrong_type_or_value(
+    model: nn.Module, variant: str, options: dict, pattern: str
+) -> None:
     with pytest.raises(ar.VariantOptionError, match=pattern) as info:
         ar.rewrite(model, variant, args=_inputs(), **options)
     _ours(info.value)

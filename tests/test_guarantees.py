@@ -53,7 +53,7 @@ class Block(nn.Module):
 def _inputs(batch: int = 2, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     pad = torch.ones(batch, length, dtype=torch.bool)
-    pad[-1, length // 2:] = False
+    pad[-1, length // 2 :] = False
     return torch.randn(batch, length, D_MODEL, generator=g), pad
 
 
@@ -64,15 +64,18 @@ def _model() -> Block:
 
 def _state(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     """Every parameter and buffer (persistent or not), copied, with its ``requires_grad``."""
-    state = {f"parameter {n}": (p.detach().clone(), p.requires_grad)
-             for n, p in model.named_parameters()}
-    state.update({f"buffer {n}": (b.detach().clone(), b.requires_grad)
-                  for n, b in model.named_buffers()})
+    state = {
+        f"parameter {n}": (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()
+    }
+    state.update(
+        {f"buffer {n}": (b.detach().clone(), b.requires_grad) for n, b in model.named_buffers()}
+    )
     return state
 
 
-def _assert_untouched(model: nn.Module, before: dict[str, tuple[torch.Tensor, bool]],
-                      training: bool = False) -> None:
+def _assert_untouched(
+    model: nn.Module, before: dict[str, tuple[torch.Tensor, bool]], training: bool = False
+) -> None:
     after = _state(model)
     assert after.keys() == before.keys()
     for name, (value, requires_grad) in before.items():
@@ -159,8 +162,11 @@ def test_calibrate_leaves_the_model_untouched(variant: str) -> None:
     ar.calibrate(rw, batches, steps=3, progress=False)
     _assert_untouched(model, before)
     # Calibration trained the variants (else this test would prove nothing).
-    changed = [n for n, p in rw.named_parameters() if n in site_params
-               and not torch.equal(p.detach(), site_params[n])]
+    changed = [
+        n
+        for n, p in rw.named_parameters()
+        if n in site_params and not torch.equal(p.detach(), site_params[n])
+    ]
     assert changed
 
 

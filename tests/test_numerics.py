@@ -37,8 +37,9 @@ def _variant(name: str, **site_fields) -> AttentionVariant:
         cls = get_variant(name)
     except ImportError as exc:  # "every registered variant that imports": say which does not
         pytest.skip(f"variant '{name}' does not import: {exc}")
-    site = make_site(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                     query_len=LENGTH, **site_fields)
+    site = make_site(
+        num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, query_len=LENGTH, **site_fields
+    )
     reason = cls.refuse(site)
     if reason:
         pytest.skip(f"'{name}' refuses this site: {reason}")
@@ -64,7 +65,7 @@ def _qkv(dtype: torch.dtype, large: bool, seed: int = 0):
 def _key_mask(form: str, dtype: torch.dtype, fully_padded: bool) -> torch.Tensor:
     """A (B, 1, 1, N) key mask: the last sequence half padded, or the first one fully."""
     keep = torch.ones(BATCH, 1, 1, LENGTH, dtype=torch.bool)
-    keep[-1, ..., LENGTH // 2:] = False
+    keep[-1, ..., LENGTH // 2 :] = False
     if fully_padded:
         keep[0] = False
     if form == "bool":
@@ -88,8 +89,9 @@ def _softmax_reference(q, k, v, *, mask, causal: bool, scale: float) -> torch.Te
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mask", ["none", "key", "causal", "causal+key"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_half_precision_large_magnitudes_give_finite_outputs(name: str, mask: str,
-                                                             dtype: torch.dtype) -> None:
+def test_half_precision_large_magnitudes_give_finite_outputs(
+    name: str, mask: str, dtype: torch.dtype
+) -> None:
     variant = _variant(name, mask=mask)
     q, k, v = _qkv(dtype, large=True)
     key = _key_mask("bool", dtype, fully_padded=False) if "key" in mask else None
@@ -104,8 +106,9 @@ def test_half_precision_large_magnitudes_give_finite_outputs(name: str, mask: st
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mask", ["none", "key", "causal"])
-def test_softmax_variant_half_precision_large_magnitudes_is_accurate(mask: str,
-                                                                     dtype: torch.dtype) -> None:
+def test_softmax_variant_half_precision_large_magnitudes_is_accurate(
+    mask: str, dtype: torch.dtype
+) -> None:
     """Exact softmax in half precision: the error is that of rounding the inputs and output."""
     variant = _variant("softmax", mask=mask)
     q, k, v = _qkv(dtype, large=True)
@@ -126,8 +129,9 @@ def test_softmax_variant_half_precision_large_magnitudes_is_accurate(mask: str,
 @pytest.mark.parametrize("form", ["bool", "neg_inf", "finfo_min"])
 @pytest.mark.parametrize("causal", [False, True], ids=["key", "causal+key"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_fully_padded_sequence_gives_finite_outputs(name: str, causal: bool, form: str,
-                                                    dtype: torch.dtype) -> None:
+def test_fully_padded_sequence_gives_finite_outputs(
+    name: str, causal: bool, form: str, dtype: torch.dtype
+) -> None:
     if name == "softmax" and form != "finfo_min":
         # softmax over no key at all is 0/0: exact softmax need not be finite there; the
         # model-level test below checks it matches the original model instead.
@@ -142,8 +146,7 @@ def test_fully_padded_sequence_gives_finite_outputs(name: str, causal: bool, for
     # The sequences that are not fully padded are unaffected by the other one.
     mask_one = mask[1:]
     with torch.no_grad():
-        alone = variant(q[1:], k[1:], v[1:], mask=mask_one, causal=causal,
-                        scale=variant.site.scale)
+        alone = variant(q[1:], k[1:], v[1:], mask=mask_one, causal=causal, scale=variant.site.scale)
     assert torch.allclose(out[1:].float(), alone.float(), atol=1e-3, rtol=1e-3)
 
 
@@ -158,17 +161,24 @@ PADDED_MODELS = {
     "masked_fill_-inf": Spelling(key_mask="fill", fill="-inf"),
     "where_finfo_min": Spelling(key_mask="where", fill="finfo_min"),
     "where_-inf": Spelling(key_mask="where", fill="-inf"),
-    "causal_masked_fill_finfo_min": Spelling(key_mask="fill", fill="finfo_min", causal="arange",
-                                             causal_form="gt"),
+    "causal_masked_fill_finfo_min": Spelling(
+        key_mask="fill", fill="finfo_min", causal="arange", causal_form="gt"
+    ),
     "sdpa_bool": Spelling(kind="sdpa", product="sdpa", scale_at="sdpa_default", key_mask="fill"),
-    "sdpa_additive_finfo_min": Spelling(kind="sdpa", product="sdpa", scale_at="sdpa_default",
-                                        key_mask="additive_pad", fill="finfo_min"),
+    "sdpa_additive_finfo_min": Spelling(
+        kind="sdpa",
+        product="sdpa",
+        scale_at="sdpa_default",
+        key_mask="additive_pad",
+        fill="finfo_min",
+    ),
 }
 
 
 @pytest.mark.parametrize("spelling", list(PADDED_MODELS.values()), ids=list(PADDED_MODELS))
 def test_softmax_rewrite_of_a_fully_padded_sequence_matches_the_original(
-        spelling: Spelling) -> None:
+    spelling: Spelling,
+) -> None:
     model = spelling.build()
     x, pad = spelling.inputs(2, 8)
     rw = ar.rewrite(model, "softmax", args=(x, pad))
@@ -181,7 +191,8 @@ def test_softmax_rewrite_of_a_fully_padded_sequence_matches_the_original(
     assert not (torch.isnan(out) & ~torch.isnan(ref)).any(), "NaN where the original has none"
     assert torch.allclose(out[finite], ref[finite], rtol=1e-5, atol=1e-6), (
         f"max difference where the original is finite: "
-        f"{(out[finite] - ref[finite]).abs().max().item():.2e}")
+        f"{(out[finite] - ref[finite]).abs().max().item():.2e}"
+    )
 
 
 def test_numerics_cover_every_registered_variant() -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from attnrewrite.errors import UnknownBackendError
+from attnrewrite.ops import register_inductor_decomposition
 from attnrewrite.rewriter.report import Report
 from attnrewrite.rewriter.rewrite import RewrittenModel
 
@@ -49,6 +50,33 @@ class CompiledModel(nn.Module):
         self.report = report
         self.backend = backend
         self._complete_kwargs = complete_kwargs
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any
+    ) -> torch.Tensor:
+        """:meth:`RewrittenModel.generate` with the prefill and step graphs compiled by this
+        backend (dynamic batch, lengths and positions: no recompilation per step)."""
+        return self._decoder().generate(input_ids, attention_mask, **options)
+
+    def stream(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any
+    ):
+        """:meth:`RewrittenModel.stream`, compiled."""
+        return self._decoder().stream(input_ids, attention_mask, **options)
+
+    def _decoder(self):
+        model = self.__dict__.get("_rewritten")
+        if model is None:
+            raise UnknownBackendError(
+                "generate needs a compiled RewrittenModel (attnrewrite.compile(rewritten)); this "
+                "CompiledModel wraps a plain module"
+            )
+        backend = self.backend
+
+        def compiler(gm: fx.GraphModule) -> Any:
+            return torch.compile(traceable_graph(gm), backend=backend, dynamic=True, fullgraph=True)
+
+        return model.decoder(compiler, key=f"compile:{backend}")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._complete_kwargs is not None:
@@ -139,11 +167,14 @@ def compile_rewritten(
         UnknownBackendError: ``backend`` is neither a registered name nor callable.
     """
     backend = check_backend(backend)
+    register_inductor_decomposition()  # canonical attention ops (if any) fuse as sdpa
     options = {"dynamic": True, **torch_compile_kwargs}
     if isinstance(model, RewrittenModel):
         options.setdefault("fullgraph", True)
         # Compile the exported graph itself, not RewrittenModel.forward: its only extra is error
         # translation (try/except), which Dynamo would have to trace around.
         compiled = torch.compile(traceable_graph(model.graph_module), backend=backend, **options)
-        return CompiledModel(compiled, model.report, backend, model.complete_kwargs)
+        result = CompiledModel(compiled, model.report, backend, model.complete_kwargs)
+        result.__dict__["_rewritten"] = model  # not a submodule: its parameters are not repeated
+        return result
     return CompiledModel(torch.compile(model, backend=backend, **options), None, backend)

@@ -57,8 +57,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         runner = runners.onnx_runner(job["onnx_path"])
         # ONNX Runtime's arena keeps what it grew to: measure the first run, not a repeat.
         measurement, _ = measure_peak(lambda: runner.call(args, kwargs))
-        return {"peak_mb": measurement.peak_mb, "baseline_mb": measurement.baseline_mb,
-                "method": measurement.method + ", first run"}
+        return {
+            "peak_mb": measurement.peak_mb,
+            "baseline_mb": measurement.baseline_mb,
+            "method": measurement.method + ", first run",
+        }
     model = _load_model(job["model"]).eval()
     variant = job.get("variant")
     if variant is not None:
@@ -66,14 +69,23 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
         example_args, example_kwargs = torch.load(job["example"], weights_only=False)
         options = torch.load(variant["options"], weights_only=False)
-        model = attnrewrite.rewrite(model, variant["name"], args=example_args,
-                                    kwargs=example_kwargs, seed=job["seed"], **options)
+        model = attnrewrite.rewrite(
+            model,
+            variant["name"],
+            args=example_args,
+            kwargs=example_kwargs,
+            seed=job["seed"],
+            **options,
+        )
     runner = runners.prepare(backend, model, args, kwargs, onnx_path=Path(job["dir"]) / "x.onnx")
     for _ in range(max(1, int(job["warmup"]))):
         runner.call(args, kwargs)
     measurement, _ = measure_peak(lambda: runner.call(args, kwargs))
-    return {"peak_mb": measurement.peak_mb, "baseline_mb": measurement.baseline_mb,
-            "method": measurement.method}
+    return {
+        "peak_mb": measurement.peak_mb,
+        "baseline_mb": measurement.baseline_mb,
+        "method": measurement.method,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

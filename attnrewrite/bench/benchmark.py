@@ -89,21 +89,39 @@ def parse_variants(variants: VariantsArg) -> list[VariantChoice]:
         choices = [VariantChoice(str(v), str(v), {}) for v in variants]
     labels = [c.label for c in choices]
     if ORIGINAL in labels:
-        raise BenchmarkError(f"'{ORIGINAL}' is the label of the unmodified model; name the "
-                             "variant differently (variants={'my_label': {'variant': ...}})")
+        raise BenchmarkError(
+            f"'{ORIGINAL}' is the label of the unmodified model; name the "
+            "variant differently (variants={'my_label': {'variant': ...}})"
+        )
     if len(set(labels)) != len(labels):
-        raise BenchmarkError(f"duplicate variant labels in {labels}; give each a distinct label "
-                             "with variants={'label': {'variant': name, **options}}")
+        raise BenchmarkError(
+            f"duplicate variant labels in {labels}; give each a distinct label "
+            "with variants={'label': {'variant': name, **options}}"
+        )
     return choices
 
 
-def benchmark(model: nn.Module | str, variants: VariantsArg, args: Any = None, kwargs: Any = None,
-              *, seq_lens: Sequence[int] | None = None, backends: Sequence[str] = ("eager",),
-              repeats: int = 5, make_inputs: MakeInputs | None = None, batch: int | None = None,
-              memory: bool = True, output_dir: str | Path | None = None, progress: bool = True,
-              warmup: int = 1, seed: int = 0, memory_jobs: int = 1, memory_timeout_s: float = 900,
-              num_threads: int | None = None,
-              target_options: TargetOptions | None = None) -> BenchmarkResult:
+def benchmark(
+    model: nn.Module | str,
+    variants: VariantsArg,
+    args: Any = None,
+    kwargs: Any = None,
+    *,
+    seq_lens: Sequence[int] | None = None,
+    backends: Sequence[str] = ("eager",),
+    repeats: int = 5,
+    make_inputs: MakeInputs | None = None,
+    batch: int | None = None,
+    memory: bool = True,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    warmup: int = 1,
+    seed: int = 0,
+    memory_jobs: int = 1,
+    memory_timeout_s: float = 900,
+    num_threads: int | None = None,
+    target_options: TargetOptions | None = None,
+) -> BenchmarkResult:
     """Measure ``model`` before and after rewriting its attention into each of ``variants``.
 
     Args:
@@ -145,26 +163,60 @@ def benchmark(model: nn.Module | str, variants: VariantsArg, args: Any = None, k
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _benchmark(model, choices, args, kwargs, seq_lens, backend_names, repeats,
-                          make_inputs, batch, memory, output_dir, progress, warmup, seed,
-                          memory_jobs, memory_timeout_s, threads, target_options)
+        return _benchmark(
+            model,
+            choices,
+            args,
+            kwargs,
+            seq_lens,
+            backend_names,
+            repeats,
+            make_inputs,
+            batch,
+            memory,
+            output_dir,
+            progress,
+            warmup,
+            seed,
+            memory_jobs,
+            memory_timeout_s,
+            threads,
+            target_options,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _benchmark(model: nn.Module | str, choices: list[VariantChoice], args: Any, kwargs: Any,
-               seq_lens: Sequence[int] | None, backend_names: list[str], repeats: int,
-               make_inputs: MakeInputs | None, batch: int | None, memory: bool,
-               output_dir: str | Path | None, progress: bool, warmup: int, seed: int,
-               memory_jobs: int, memory_timeout_s: float, threads: int,
-               target_options: TargetOptions | None) -> BenchmarkResult:
+def _benchmark(
+    model: nn.Module | str,
+    choices: list[VariantChoice],
+    args: Any,
+    kwargs: Any,
+    seq_lens: Sequence[int] | None,
+    backend_names: list[str],
+    repeats: int,
+    make_inputs: MakeInputs | None,
+    batch: int | None,
+    memory: bool,
+    output_dir: str | Path | None,
+    progress: bool,
+    warmup: int,
+    seed: int,
+    memory_jobs: int,
+    memory_timeout_s: float,
+    threads: int,
+    target_options: TargetOptions | None,
+) -> BenchmarkResult:
 
     transfer: dict[str, Any]
     if isinstance(model, str):
         hint = sorted(seq_lens) if seq_lens else []
         options = target_options or TargetOptions(
-            batch=batch or 2, seq_len=hint[0] if hint else 32, max_length=hint[-1] if hint else 0,
-            seed=seed)
+            batch=batch or 2,
+            seq_len=hint[0] if hint else 32,
+            max_length=hint[-1] if hint else 0,
+            seed=seed,
+        )
         target = load_target(model, options)
         module = target.model
         if args is None and not kwargs:
@@ -173,14 +225,14 @@ def _benchmark(model: nn.Module | str, choices: list[VariantChoice], args: Any, 
     elif isinstance(model, nn.Module):
         module, transfer = model, {"kind": "pickle"}
     else:
-        raise BenchmarkError(f"model must be an nn.Module or a TARGET string, got "
-                             f"{type(model).__name__}")
+        raise BenchmarkError(
+            f"model must be an nn.Module or a TARGET string, got {type(model).__name__}"
+        )
     module.eval()
     args, kwargs = _as_inputs(args, kwargs)
     if make_inputs is None:
         make_inputs = default_make_inputs(args, kwargs, seed=seed) if seq_lens else None
-    lengths = sorted(int(n) for n in seq_lens) if seq_lens else \
-        [example_length(args, kwargs) or 0]
+    lengths = sorted(int(n) for n in seq_lens) if seq_lens else [example_length(args, kwargs) or 0]
     batch = int(batch or example_batch(args, kwargs))
 
     with contextlib.ExitStack() as stack:
@@ -190,8 +242,20 @@ def _benchmark(model: nn.Module | str, choices: list[VariantChoice], args: Any, 
             workdir = Path(output_dir)
             workdir.mkdir(parents=True, exist_ok=True)
         bar = stack.enter_context(_progress(progress))
-        run = _Run(module, choices, args, kwargs, backend_names, lengths, batch, repeats, warmup,
-                   seed, workdir, bar)
+        run = _Run(
+            module,
+            choices,
+            args,
+            kwargs,
+            backend_names,
+            lengths,
+            batch,
+            repeats,
+            warmup,
+            seed,
+            workdir,
+            bar,
+        )
         run.rewrite_all()
         for length in lengths:
             inputs = make_inputs(batch, length) if make_inputs else (args, kwargs)
@@ -212,8 +276,9 @@ def _parse_backends(backends: Sequence[str]) -> list[str]:
     out = []
     for name in backends:
         if name not in runners.BACKENDS:
-            raise BenchmarkError(f"unknown backend '{name}'; choose from eager, inductor, "
-                                 "onnxruntime")
+            raise BenchmarkError(
+                f"unknown backend '{name}'; choose from eager, inductor, onnxruntime"
+            )
         if runners.BACKENDS[name] not in out:
             out.append(runners.BACKENDS[name])
     if not out:
@@ -249,17 +314,34 @@ def _progress(enabled: bool) -> Iterator[Any]:
         return
     from rich import progress as rp
 
-    with rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
-                     rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), transient=False) as bar:
+    with rp.Progress(
+        rp.TextColumn("[bold]{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
         yield bar
 
 
 class _Run:
     """State of one benchmark run (kept off the public function for readability)."""
 
-    def __init__(self, original: nn.Module, choices: list[VariantChoice], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], backends: list[str], lengths: list[int], batch: int,
-                 repeats: int, warmup: int, seed: int, workdir: Path, bar: Any) -> None:
+    def __init__(
+        self,
+        original: nn.Module,
+        choices: list[VariantChoice],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        backends: list[str],
+        lengths: list[int],
+        batch: int,
+        repeats: int,
+        warmup: int,
+        seed: int,
+        workdir: Path,
+        bar: Any,
+    ) -> None:
         self.models = [_Model(VariantChoice(ORIGINAL, None, {}), original)]
         self.models += [_Model(c, None) for c in choices]
         self.args, self.kwargs = args, kwargs
@@ -279,9 +361,14 @@ class _Run:
             self.bar.update(self.task, description=f"rewrite {choice.label}")
             start = time.perf_counter()
             try:
-                rewritten = attnrewrite.rewrite(self.models[0].module, choice.name,
-                                            args=self.args, kwargs=self.kwargs, seed=self.seed,
-                                            **choice.options)
+                rewritten = attnrewrite.rewrite(
+                    self.models[0].module,
+                    choice.name,
+                    args=self.args,
+                    kwargs=self.kwargs,
+                    seed=self.seed,
+                    **choice.options,
+                )
             except Exception as exc:  # noqa: BLE001 - a broken variant must not stop the run
                 model.status = f"error: rewrite failed: {type(exc).__name__}: {_short(exc)}"
                 self.bar.advance(self.task)
@@ -311,8 +398,12 @@ class _Run:
             label = model.choice.label
             try:
                 runner: runners.Runner | str = runners.prepare(
-                    backend, model.module, self.args, self.kwargs,
-                    onnx_path=self.workdir / f"{_file_name(label)}.onnx")
+                    backend,
+                    model.module,
+                    self.args,
+                    self.kwargs,
+                    onnx_path=self.workdir / f"{_file_name(label)}.onnx",
+                )
                 for note in runner.notes:
                     if note not in self.notes:
                         self.notes.append(note)
@@ -342,7 +433,8 @@ class _Run:
                 for backend in self.backends:
                     self._row(length, backend, model)["status"] = (
                         f"error: eager call failed at N={length}: {type(exc).__name__}: "
-                        f"{_short(exc)}")
+                        f"{_short(exc)}"
+                    )
                 references[model.choice.label] = None
                 self.bar.advance(self.task)
                 continue
@@ -359,8 +451,9 @@ class _Run:
             ready: list[tuple[_Model, runners.Runner]] = []
             for model in self.models:
                 row = self._row(length, backend, model)
-                self.bar.update(self.task, description=f"N={length} {backend} warm-up "
-                                                       f"{model.choice.label}")
+                self.bar.update(
+                    self.task, description=f"N={length} {backend} warm-up {model.choice.label}"
+                )
                 self.bar.advance(self.task)
                 if row["status"] != "ok":
                     continue
@@ -377,8 +470,9 @@ class _Run:
                         output = metrics.main_output(runner.call(args, kwargs))
                     setup = time.perf_counter() - start
                 except Exception as exc:  # noqa: BLE001
-                    row["status"] = f"error: {backend} call failed: {type(exc).__name__}: " \
-                                    f"{_short(exc)}"
+                    row["status"] = (
+                        f"error: {backend} call failed: {type(exc).__name__}: {_short(exc)}"
+                    )
                     continue
                 if backend != "eager":
                     first = length == self.lengths[0]
@@ -390,13 +484,20 @@ class _Run:
                 ready.append((model, runner))
             self._time_round_robin(length, backend, ready, args, kwargs)
 
-    def _time_round_robin(self, length: int, backend: str,
-                          ready: list[tuple[_Model, runners.Runner]], args: tuple[Any, ...],
-                          kwargs: dict[str, Any]) -> None:
+    def _time_round_robin(
+        self,
+        length: int,
+        backend: str,
+        ready: list[tuple[_Model, runners.Runner]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         samples: dict[str, list[float]] = {m.choice.label: [] for m, _ in ready}
         for round_index in range(self.repeats):
-            self.bar.update(self.task, description=f"N={length} {backend} timing "
-                                                   f"{round_index + 1}/{self.repeats}")
+            self.bar.update(
+                self.task,
+                description=f"N={length} {backend} timing {round_index + 1}/{self.repeats}",
+            )
             shift = round_index % max(1, len(ready))
             for model, runner in ready[shift:] + ready[:shift]:
                 start = time.perf_counter()
@@ -406,12 +507,18 @@ class _Run:
             times = samples[model.choice.label]
             q1, median, q3 = metrics.quantiles(times)
             self._row(length, backend, model).update(
-                repeats=len(times), median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=min(times),
-                max_ms=max(times))
+                repeats=len(times),
+                median_ms=median,
+                q1_ms=q1,
+                q3_ms=q3,
+                min_ms=min(times),
+                max_ms=max(times),
+            )
 
     # -- memory ------------------------------------------------------------------------------------
-    def measure_memory(self, transfer: dict[str, Any], threads: int, jobs: int,
-                       timeout_s: float) -> None:
+    def measure_memory(
+        self, transfer: dict[str, Any], threads: int, jobs: int, timeout_s: float
+    ) -> None:
         transfer = dict(transfer)
         if transfer["kind"] == "pickle":
             problem = self._pickle_original(transfer)
@@ -422,9 +529,13 @@ class _Run:
                 return
         example = self.workdir / "example.pt"
         torch.save((self.args, self.kwargs), example)
-        todo = [(length, backend, model) for length in self.lengths for backend in self.backends
-                for model in self.models
-                if self.rows.get((length, backend, model.choice.label), {}).get("status") == "ok"]
+        todo = [
+            (length, backend, model)
+            for length in self.lengths
+            for backend in self.backends
+            for model in self.models
+            if self.rows.get((length, backend, model.choice.label), {}).get("status") == "ok"
+        ]
         if not todo:
             return
         task = self.bar.add_task("memory", total=len(todo))
@@ -440,17 +551,25 @@ class _Run:
                     torch.save(model.choice.options, options_path)
                 except Exception as exc:  # noqa: BLE001
                     row = self.rows[(length, backend, label)]
-                    row["memory_status"] = (f"not measured: the variant options cannot be "
-                                            f"pickled for the worker ({_short(exc)})")
+                    row["memory_status"] = (
+                        f"not measured: the variant options cannot be "
+                        f"pickled for the worker ({_short(exc)})"
+                    )
                     self.bar.advance(task)
                     return
                 variant = {"name": model.choice.name, "options": str(options_path)}
             job = {
-                "model": transfer, "example": str(example), "inputs": str(self.inputs[length]),
+                "model": transfer,
+                "example": str(example),
+                "inputs": str(self.inputs[length]),
                 "variant": variant,
-                "seed": self.seed, "backend": backend, "threads": threads, "warmup": self.warmup,
+                "seed": self.seed,
+                "backend": backend,
+                "threads": threads,
+                "warmup": self.warmup,
                 "onnx_path": str(self.workdir / f"{_file_name(label)}.onnx"),
-                "dir": str(self.workdir), "sys_path": [p for p in sys.path if p],
+                "dir": str(self.workdir),
+                "sys_path": [p for p in sys.path if p],
             }
             stem = self.workdir / f"memory_{length}_{backend}_{_file_name(label)}"
             result = _run_worker(job, stem, timeout_s)
@@ -476,16 +595,20 @@ class _Run:
         try:
             torch.save(original, path)
         except Exception as exc:  # noqa: BLE001
-            return (f"the model cannot be pickled for the worker process ({type(exc).__name__}: "
-                    f"{_short(exc)}); pass a 'module:factory' TARGET string instead, or "
-                    "memory=False")
+            return (
+                f"the model cannot be pickled for the worker process ({type(exc).__name__}: "
+                f"{_short(exc)}); pass a 'module:factory' TARGET string instead, or "
+                "memory=False"
+            )
         transfer["path"] = str(path)
         if any(type(m).__module__ == "__main__" for m in original.modules()):
             main_file = getattr(sys.modules["__main__"], "__file__", None)
             if not main_file:
-                return ("the model's classes are defined in an interactive session, which a "
-                        "worker process cannot import; define them in a module or file, or pass "
-                        "memory=False")
+                return (
+                    "the model's classes are defined in an interactive session, which a "
+                    "worker process cannot import; define them in a module or file, or pass "
+                    "memory=False"
+                )
             transfer["main_path"] = os.path.abspath(main_file)
         return None
 
@@ -503,27 +626,53 @@ class _Run:
         for backend in self.backends:
             for model in self.models[1:]:
                 label = model.choice.label
-                speedups = [next((r.speedup for r in rows if (r.backend, r.variant, r.length) ==
-                                  (backend, label, n) and r.ok), None) for n in self.lengths]
+                speedups = [
+                    next(
+                        (
+                            r.speedup
+                            for r in rows
+                            if (r.backend, r.variant, r.length) == (backend, label, n) and r.ok
+                        ),
+                        None,
+                    )
+                    for n in self.lengths
+                ]
                 length, how = metrics.crossover(self.lengths, speedups)
                 crossovers.append(Crossover(backend, label, length, how))
         meta = {
-            "lengths": self.lengths, "batch": self.batch, "repeats": self.repeats,
-            "warmup": self.warmup, "backends": self.backends, "seed": self.seed,
-            "variants": {m.choice.label: {"variant": m.choice.name, **m.choice.options}
-                         for m in self.models[1:]},
+            "lengths": self.lengths,
+            "batch": self.batch,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "backends": self.backends,
+            "seed": self.seed,
+            "variants": {
+                m.choice.label: {"variant": m.choice.name, **m.choice.options}
+                for m in self.models[1:]
+            },
             "memory": "per-configuration worker process, VmHWM after clear_refs minus resident "
-                      "size before the measured call" if memory else "not measured",
+            "size before the measured call"
+            if memory
+            else "not measured",
             "timing": "round-robin over models, median and IQR of repeats, warm-up excluded",
-            "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": _machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "threads": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": _machine(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "notes": self.notes,
         }
         return BenchmarkResult(rows, crossovers, meta)
 
 
-def _finish_row(values: dict[str, Any], base: dict[str, Any], model: _Model, backend: str,
-                length: int, batch: int) -> BenchRow:
+def _finish_row(
+    values: dict[str, Any],
+    base: dict[str, Any],
+    model: _Model,
+    backend: str,
+    length: int,
+    batch: int,
+) -> BenchRow:
     ok = values.get("status") == "ok"
     if not ok:
         keep = {k: values[k] for k in ("status", "flops", "memory_status") if k in values}
@@ -534,11 +683,15 @@ def _finish_row(values: dict[str, Any], base: dict[str, Any], model: _Model, bac
     bound = base_flops / flops if flops and base_flops else None
     peak, base_peak = values.get("peak_mb"), base.get("peak_mb")
     return BenchRow(
-        backend=backend, variant=model.choice.label, variant_name=model.choice.name,
-        length=length, batch=batch,
+        backend=backend,
+        variant=model.choice.label,
+        variant_name=model.choice.name,
+        length=length,
+        batch=batch,
         sites_rewritten=model.sites[0] if model.sites else None,
         sites_total=model.sites[1] if model.sites else None,
-        rewrite_s=model.rewrite_s, speedup=speedup,
+        rewrite_s=model.rewrite_s,
+        speedup=speedup,
         gflops_per_s=flops / (median * 1e6) if flops and median else None,
         flop_bound_speedup=bound,
         flop_bound_fraction=speedup / bound if speedup and bound else None,
@@ -554,9 +707,14 @@ def _run_worker(job: dict[str, Any], stem: Path, timeout_s: float) -> dict[str, 
     package_root = str(Path(attnrewrite.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     try:
-        done = subprocess.run([sys.executable, "-m", "attnrewrite.bench._worker", str(job_path),
-                               str(result_path)], env=env, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "attnrewrite.bench._worker", str(job_path), str(result_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"worker timed out after {timeout_s:.0f} s (raise memory_timeout_s)"}
     if result_path.exists():
@@ -585,5 +743,11 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible"
 
 
-__all__ = ["BenchRow", "BenchmarkResult", "Crossover", "VariantChoice", "benchmark",
-           "parse_variants"]
+__all__ = [
+    "BenchRow",
+    "BenchmarkResult",
+    "Crossover",
+    "VariantChoice",
+    "benchmark",
+    "parse_variants",
+]

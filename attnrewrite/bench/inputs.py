@@ -45,8 +45,9 @@ def example_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return 1
 
 
-def resize_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, length: int, *,
-                  seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def resize_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, length: int, *, seed: int = 0
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The example ``(args, kwargs)`` resized to ``batch`` x ``length`` (see module docstring)."""
     old_length = example_length(args, kwargs)
     if old_length is None:
@@ -76,8 +77,9 @@ def resize_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, len
     return new_args, new_kwargs
 
 
-def _fill(name: str, example: torch.Tensor, shape: tuple[int, ...],
-          g: torch.Generator) -> torch.Tensor:
+def _fill(
+    name: str, example: torch.Tensor, shape: tuple[int, ...], g: torch.Generator
+) -> torch.Tensor:
     dtype = example.dtype
     if "mask" in name:
         if example.is_floating_point() and bool((example <= 0).all()):
@@ -96,8 +98,9 @@ def _fill(name: str, example: torch.Tensor, shape: tuple[int, ...],
     return noise.to(dtype)
 
 
-def default_make_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                        seed: int = 0) -> MakeInputs:
+def default_make_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, seed: int = 0
+) -> MakeInputs:
     """A ``make_inputs(batch, length)`` that resizes the example (see the module docstring)."""
     if example_length(args, kwargs) is None:
         resize_inputs(args, kwargs, 1, 1)  # raises the explanatory BenchmarkError

@@ -33,8 +33,9 @@ def main_output(output: Any) -> torch.Tensor | None:
     return None
 
 
-def output_error(output: torch.Tensor | None,
-                 reference: torch.Tensor | None) -> tuple[float | None, float | None]:
+def output_error(
+    output: torch.Tensor | None, reference: torch.Tensor | None
+) -> tuple[float | None, float | None]:
     """(max relative error, cosine of pooled outputs) of ``output`` against ``reference``.
 
     The relative error is max|y - y_ref| / max|y_ref| — relative to the output's scale, because an
@@ -57,8 +58,13 @@ def output_error(output: torch.Tensor | None,
         pooled, pooled_ref = pooled.reshape(1, 1), pooled_ref.reshape(1, 1)
     elif pooled.dim() == 1:
         pooled, pooled_ref = pooled.unsqueeze(0), pooled_ref.unsqueeze(0)
-    cosine = torch.nn.functional.cosine_similarity(
-        pooled.flatten(1), pooled_ref.flatten(1), dim=1, eps=1e-12).mean().item()
+    cosine = (
+        torch.nn.functional.cosine_similarity(
+            pooled.flatten(1), pooled_ref.flatten(1), dim=1, eps=1e-12
+        )
+        .mean()
+        .item()
+    )
     return rel, cosine
 
 
@@ -73,8 +79,11 @@ def crossover(lengths: Sequence[int], speedups: Sequence[float | None]) -> tuple
         (length or None, how): how is ``"interpolated"``, ``"at or below"`` (already faster at the
         shortest length), ``"not reached"`` (never faster) or ``"no data"``.
     """
-    points = [(n, s) for n, s in zip(lengths, speedups, strict=True)
-              if s is not None and s > 0 and not math.isnan(s)]
+    points = [
+        (n, s)
+        for n, s in zip(lengths, speedups, strict=True)
+        if s is not None and s > 0 and not math.isnan(s)
+    ]
     if not points:
         return None, "no data"
     previous: tuple[int, float] | None = None

@@ -24,8 +24,9 @@ def plot_result(result: BenchmarkResult, path: Path, *, title: str | None = None
     for v, variant in enumerate(result.variants):
         colour = "black" if variant == "original" else colours[v % len(colours)]
         for backend in result.backends:
-            rows = [r for r in result.rows
-                    if r.variant == variant and r.backend == backend and r.ok]
+            rows = [
+                r for r in result.rows if r.variant == variant and r.backend == backend and r.ok
+            ]
             rows.sort(key=lambda r: r.length)
             style = _LINESTYLES.get(backend, "-.")
             label = variant if len(result.backends) == 1 else f"{variant} ({backend})"
@@ -45,8 +46,9 @@ def plot_result(result: BenchmarkResult, path: Path, *, title: str | None = None
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     if not has_memory:
-        memory_ax.text(0.5, 0.5, "memory not measured", ha="center", va="center",
-                       transform=memory_ax.transAxes)
+        memory_ax.text(
+            0.5, 0.5, "memory not measured", ha="center", va="center", transform=memory_ax.transAxes
+        )
     time_ax.set_title("time per forward call")
     memory_ax.set_title("peak memory per forward call")
     handles, labels = time_ax.get_legend_handles_labels()

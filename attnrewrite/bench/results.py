@@ -123,8 +123,11 @@ class BenchmarkResult:
 
     # -- output ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "rows": [dataclasses.asdict(r) for r in self.rows],
-                "crossovers": [dataclasses.asdict(c) for c in self.crossovers]}
+        return {
+            "meta": self.meta,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "crossovers": [dataclasses.asdict(c) for c in self.crossovers],
+        }
 
     def to_json(self, path: str | Path) -> Path:
         """Write the result as JSON (``meta``, ``rows``, ``crossovers``); return the path."""
@@ -136,31 +139,70 @@ class BenchmarkResult:
     @classmethod
     def from_json(cls, path: str | Path) -> BenchmarkResult:
         data = json.loads(Path(path).read_text())
-        return cls([BenchRow(**r) for r in data["rows"]],
-                   [Crossover(**c) for c in data["crossovers"]], data["meta"])
+        return cls(
+            [BenchRow(**r) for r in data["rows"]],
+            [Crossover(**c) for c in data["crossovers"]],
+            data["meta"],
+        )
 
     def to_markdown(self) -> str:
         """Markdown tables: every measured row, then the crossover lengths, then notes."""
-        head = ["backend", "variant", "N", "median ms", "IQR ms", "speedup", "GFLOP",
-                "FLOP-bound", "achieved", "GFLOP/s", "peak MiB", "memory x", "max rel err",
-                "cosine", "status"]
+        head = [
+            "backend",
+            "variant",
+            "N",
+            "median ms",
+            "IQR ms",
+            "speedup",
+            "GFLOP",
+            "FLOP-bound",
+            "achieved",
+            "GFLOP/s",
+            "peak MiB",
+            "memory x",
+            "max rel err",
+            "cosine",
+            "status",
+        ]
         lines = [_md_row(head), _md_row(["---"] * len(head))]
-        for r in sorted(self.rows, key=lambda r: (self.backends.index(r.backend), r.length,
-                                                  self.variants.index(r.variant))):
+        for r in sorted(
+            self.rows,
+            key=lambda r: (
+                self.backends.index(r.backend),
+                r.length,
+                self.variants.index(r.variant),
+            ),
+        ):
             iqr = None if r.q1_ms is None or r.q3_ms is None else f"{r.q1_ms:.3g}-{r.q3_ms:.3g}"
-            lines.append(_md_row([
-                r.backend, r.variant, r.length, _fmt(r.median_ms), iqr or "-", _fmt(r.speedup, "x"),
-                _fmt(None if r.flops is None else r.flops / 1e9), _fmt(r.flop_bound_speedup, "x"),
-                _fmt(r.flop_bound_fraction), _fmt(r.gflops_per_s), _fmt(r.peak_mb),
-                _fmt(r.memory_ratio, "x"), _fmt(r.max_rel_error, sci=True),
-                _fmt(r.cosine, digits=5),
-                r.status if r.memory_status in (None, "ok") else
-                f"{r.status}; memory {r.memory_status}",
-            ]))
+            lines.append(
+                _md_row(
+                    [
+                        r.backend,
+                        r.variant,
+                        r.length,
+                        _fmt(r.median_ms),
+                        iqr or "-",
+                        _fmt(r.speedup, "x"),
+                        _fmt(None if r.flops is None else r.flops / 1e9),
+                        _fmt(r.flop_bound_speedup, "x"),
+                        _fmt(r.flop_bound_fraction),
+                        _fmt(r.gflops_per_s),
+                        _fmt(r.peak_mb),
+                        _fmt(r.memory_ratio, "x"),
+                        _fmt(r.max_rel_error, sci=True),
+                        _fmt(r.cosine, digits=5),
+                        r.status
+                        if r.memory_status in (None, "ok")
+                        else f"{r.status}; memory {r.memory_status}",
+                    ]
+                )
+            )
         out = ["\n".join(lines)]
         if self.crossovers:
-            cross = [_md_row(["backend", "variant", "crossover N (faster than original from)"]),
-                     _md_row(["---"] * 3)]
+            cross = [
+                _md_row(["backend", "variant", "crossover N (faster than original from)"]),
+                _md_row(["---"] * 3),
+            ]
             cross += [_md_row([c.backend, c.variant, c.describe()]) for c in self.crossovers]
             out.append("\n".join(cross))
         notes = self.meta.get("notes") or []

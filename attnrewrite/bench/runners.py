@@ -20,8 +20,13 @@ from torch import nn
 import attnrewrite
 
 #: Backend names accepted by :func:`attnrewrite.benchmark`, with their aliases.
-BACKENDS: dict[str, str] = {"eager": "eager", "inductor": "inductor", "onnxruntime": "onnxruntime",
-                            "ort": "onnxruntime", "onnx": "onnxruntime"}
+BACKENDS: dict[str, str] = {
+    "eager": "eager",
+    "inductor": "inductor",
+    "onnxruntime": "onnxruntime",
+    "ort": "onnxruntime",
+    "onnx": "onnxruntime",
+}
 
 
 class BackendUnavailable(Exception):
@@ -47,6 +52,7 @@ def _eager(model: nn.Module) -> Runner:
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with torch.inference_mode():
             return model(*args, **kwargs)
+
     return Runner(call)
 
 
@@ -63,16 +69,19 @@ def _inductor(model: nn.Module) -> Runner:
         notes = ("attnrewrite.backends is not available; used torch.compile(backend='inductor')",)
     except Exception as exc:  # noqa: BLE001 - any failure makes this backend unavailable
         raise BackendUnavailable(
-            f"attnrewrite.compile failed: {type(exc).__name__}: {exc}") from exc
+            f"attnrewrite.compile failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with torch.inference_mode():
             return compiled(*args, **kwargs)
+
     return Runner(call, notes=notes)
 
 
-def _onnxruntime(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 path: Path) -> Runner:
+def _onnxruntime(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: Path
+) -> Runner:
     try:
         import onnxruntime  # noqa: F401 - only to fail early with a clear reason
     except ImportError as exc:
@@ -89,6 +98,7 @@ def _onnxruntime(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
     def call(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> Any:
         return session(*call_args, **call_kwargs)
+
     return Runner(call, setup_s=setup_s)
 
 
@@ -99,8 +109,9 @@ def open_onnx_session(path: Path | str) -> Callable[..., Any]:
     except ModuleNotFoundError as exc:
         raise BackendUnavailable(f"ONNX Runtime backend missing ({exc})") from exc
     except Exception as exc:  # noqa: BLE001
-        raise BackendUnavailable(f"ONNX Runtime session failed: {type(exc).__name__}: {exc}") \
-            from exc
+        raise BackendUnavailable(
+            f"ONNX Runtime session failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def onnx_runner(path: Path | str) -> Runner:
@@ -109,8 +120,14 @@ def onnx_runner(path: Path | str) -> Runner:
     return Runner(lambda args, kwargs: session(*args, **kwargs))
 
 
-def prepare(backend: str, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-            onnx_path: Path) -> Runner:
+def prepare(
+    backend: str,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    onnx_path: Path,
+) -> Runner:
     """A :class:`Runner` of ``model`` on ``backend`` (a key of :data:`BACKENDS`)."""
     backend = BACKENDS[backend]
     if backend == "eager":

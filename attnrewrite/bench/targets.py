@@ -76,6 +76,8 @@ class TargetOptions:
             tiny Hugging Face models); at least ``seq_len``.
         seed: seed of the random weights and inputs.
         attn_implementation: Hugging Face attention implementation (``"sdpa"`` or ``"eager"``).
+        causal_lm: build Hugging Face model types and directories with their language-model head
+            (``AutoModelForCausalLM``, which has ``generate``) rather than the bare ``AutoModel``.
     """
 
     batch: int = 2
@@ -83,6 +85,7 @@ class TargetOptions:
     max_length: int = 0
     seed: int = 0
     attn_implementation: str = "sdpa"
+    causal_lm: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,7 @@ def load_target(spec: str, options: TargetOptions | None = None) -> Target:
 
 # -- module:factory ------------------------------------------------------------------------------
 
+
 def _import_factory(spec: str) -> Any:
     module_name, _, attr = spec.rpartition(":")
     if module_name.endswith(".py") or os.sep in module_name:
@@ -143,7 +147,8 @@ def _import_factory(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise TargetError(
-            f"TARGET '{spec}': '{module_name}' has no callable '{attr}'; {FORMS_HELP}")
+            f"TARGET '{spec}': '{module_name}' has no callable '{attr}'; {FORMS_HELP}"
+        )
     return factory
 
 
@@ -165,11 +170,18 @@ def _from_factory(spec: str, options: TargetOptions) -> Target:
         args, kwargs = built[1], {}
     if isinstance(args, torch.Tensor):
         args = (args,)
-    return Target(model.eval(), tuple(args or ()), dict(kwargs or {}), spec, options,
-                  f"{type(model).__name__} from {spec}")
+    return Target(
+        model.eval(),
+        tuple(args or ()),
+        dict(kwargs or {}),
+        spec,
+        options,
+        f"{type(model).__name__} from {spec}",
+    )
 
 
 # -- Hugging Face ----------------------------------------------------------------------------------
+
 
 def _transformers() -> Any:
     # Offline before the first import: huggingface_hub reads the variable at import time.
@@ -207,6 +219,10 @@ def tiny_config(model_type: str, max_length: int = 0) -> Any:
     return config
 
 
+def _auto_class(transformers: Any, options: TargetOptions) -> Any:
+    return transformers.AutoModelForCausalLM if options.causal_lm else transformers.AutoModel
+
+
 def _from_model_type(name: str, options: TargetOptions) -> Target:
     transformers = _transformers()
     model_type = name.lower()
@@ -220,31 +236,45 @@ def _from_model_type(name: str, options: TargetOptions) -> Target:
     config = tiny_config(model_type, max_length)
     torch.manual_seed(options.seed)
     try:
-        model = transformers.AutoModel.from_config(
-            config, attn_implementation=options.attn_implementation)
+        model = _auto_class(transformers, options).from_config(
+            config, attn_implementation=options.attn_implementation
+        )
     except Exception as exc:  # noqa: BLE001 - transformers raises many types here
         raise TargetError(
             f"TARGET '{name}': transformers could not build a tiny random {model_type} model "
             f"({type(exc).__name__}: {exc}); use the 'module:factory' form with your own builder"
         ) from exc
     kwargs = hf_inputs(model, options)
-    return Target(model.eval(), (), kwargs, name, options,
-                  f"tiny random {type(model).__name__} (hidden 64, 2 layers, 4 heads)")
+    return Target(
+        model.eval(),
+        (),
+        kwargs,
+        name,
+        options,
+        f"tiny random {type(model).__name__} (hidden 64, 2 layers, 4 heads)",
+    )
 
 
 def _from_directory(path: str, options: TargetOptions) -> Target:
     transformers = _transformers()
     torch.manual_seed(options.seed)
     try:
-        model = transformers.AutoModel.from_pretrained(
-            path, local_files_only=True, attn_implementation=options.attn_implementation)
+        model = _auto_class(transformers, options).from_pretrained(
+            path, local_files_only=True, attn_implementation=options.attn_implementation
+        )
     except Exception as exc:  # noqa: BLE001
         raise TargetError(
             f"TARGET '{path}' is a directory but not a loadable Hugging Face model "
             f"({type(exc).__name__}: {exc}); it needs config.json and weights; {FORMS_HELP}"
         ) from exc
-    return Target(model.eval(), (), hf_inputs(model, options), path, options,
-                  f"{type(model).__name__} from {path}")
+    return Target(
+        model.eval(),
+        (),
+        hf_inputs(model, options),
+        path,
+        options,
+        f"{type(model).__name__} from {path}",
+    )
 
 
 def hf_inputs(model: nn.Module, options: TargetOptions) -> dict[str, Any]:

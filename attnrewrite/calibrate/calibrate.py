@@ -3,7 +3,7 @@
 A trainable variant (``t2r``, ``hedgehog``, ``kernel`` with an ``nn.Module`` feature map,
 ``linformer``, ``synthesizer``) starts from an initialisation that only roughly resembles softmax.
 Calibration fits it, site by site, to the exact softmax output computed from the same canonical
-inputs (the teacher, :func:`attnrewrite.passes.canonicalize.attention`), on a small set of the
+inputs (the teacher, :func:`attnrewrite.ops.attention`), on a small set of the
 model's own inputs; the model's own weights stay frozen and unchanged.
 
 How it runs:
@@ -183,8 +183,11 @@ def calibrate(
     batches = _as_batches(inputs)
     lr = DEFAULT_LR if lr is None else float(lr)
     site_loss: SiteLoss = attention_kl if loss == "attn_kl" else site_output_loss
-    e2e_steps = 0 if end_to_end is False else (
-        DEFAULT_END_TO_END_STEPS if end_to_end is True else int(end_to_end))
+    e2e_steps = (
+        0
+        if end_to_end is False
+        else (DEFAULT_END_TO_END_STEPS if end_to_end is True else int(end_to_end))
+    )
     total = _total_steps(steps, epochs, len(batches))
     deadline = None if max_seconds is None else started + max_seconds
     site_deadline = deadline
@@ -207,31 +210,47 @@ def calibrate(
             # Without per-site steps nothing changed: the errors are those measured before.
             changed = order or any(s.refinable for s in sites)
             after = {s.name: _site_error(s) for s in sites} if changed else dict(before)
-            reverted = _revert_worse_sites(sites, before, after,
-                                           dict(zip(map(id, trainable), snapshot)))
+            reverted = _revert_worse_sites(
+                sites, before, after, dict(zip(map(id, trainable), snapshot))
+            )
             e2e = None
             if e2e_steps and trainable:
                 e2e_order = _batch_order(len(batches), e2e_steps, seed + 1)
                 e2e, e2e_stopped = _train_end_to_end(
-                    model, trainable, batches, references, e2e_order, lr * END_TO_END_LR_FACTOR,
-                    deadline, bar)
+                    model,
+                    trainable,
+                    batches,
+                    references,
+                    e2e_order,
+                    lr * END_TO_END_LR_FACTOR,
+                    deadline,
+                    bar,
+                )
                 stopped = "max_seconds" if "max_seconds" in (stopped, e2e_stopped) else "steps"
                 after = {s.name: _site_error(s) for s in sites}
         except CalibrationDivergedError as diverged:
             rows = _rows(sites, before, after={})
-            diverged.result = CalibrationResult(rows, loss, len(batches),
-                                                time.perf_counter() - started, "divergence")
+            diverged.result = CalibrationResult(
+                rows, loss, len(batches), time.perf_counter() - started, "divergence"
+            )
             _restore(trainable, snapshot)
             raise
         except BaseException:
             _restore(trainable, snapshot)
             raise
-    return CalibrationResult(_rows(sites, before, after, reverted), loss, len(batches),
-                             time.perf_counter() - started, stopped, e2e)
+    return CalibrationResult(
+        _rows(sites, before, after, reverted),
+        loss,
+        len(batches),
+        time.perf_counter() - started,
+        stopped,
+        e2e,
+    )
 
 
-def _revert_worse_sites(sites: list[_Site], before: dict[str, float], after: dict[str, float],
-                        start: dict[int, Tensor]) -> set[str]:
+def _revert_worse_sites(
+    sites: list[_Site], before: dict[str, float], after: dict[str, float], start: dict[int, Tensor]
+) -> set[str]:
     """Put back the parameters of every site whose per-site error rose (a step size too large
     for its parameters): calibration never hands back a site worse than it found it. ``after``
     is updated to the restored sites' errors."""
@@ -247,28 +266,39 @@ def _revert_worse_sites(sites: list[_Site], before: dict[str, float], after: dic
 # -- checking what was asked -----------------------------------------------------------------------
 
 
-def _check_options(steps: int | None, lr: float | None, loss: str, epochs: int | None,
-                   end_to_end: bool | int, max_seconds: float | None) -> None:
+def _check_options(
+    steps: int | None,
+    lr: float | None,
+    loss: str,
+    epochs: int | None,
+    end_to_end: bool | int,
+    max_seconds: float | None,
+) -> None:
     if loss not in LOSSES:
         raise CalibrationInputError(
-            f"unknown calibration loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))}")
+            f"unknown calibration loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))}"
+        )
     for name, value, least in (("steps", steps, 0), ("epochs", epochs, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < least):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
             kind = "a non-negative" if least == 0 else "a positive"
             raise CalibrationInputError(f"{name} must be {kind} int or None, got {value!r}")
     if steps == 0 and end_to_end is False:
         raise CalibrationInputError(
             "steps=0 skips the per-site step, and end_to_end is off: nothing would be trained. "
-            "Give steps > 0, or end_to_end=True (or a number of steps)")
+            "Give steps > 0, or end_to_end=True (or a number of steps)"
+        )
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise CalibrationInputError(f"lr must be a positive finite number, got {lr!r}")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise CalibrationInputError(f"max_seconds must be a positive number, got {max_seconds!r}")
-    if not isinstance(end_to_end, (bool, int)) or (not isinstance(end_to_end, bool)
-                                                  and end_to_end < 1):
+    if not isinstance(end_to_end, (bool, int)) or (
+        not isinstance(end_to_end, bool) and end_to_end < 1
+    ):
         raise CalibrationInputError(
-            f"end_to_end must be True/False or a positive number of steps, got {end_to_end!r}")
+            f"end_to_end must be True/False or a positive number of steps, got {end_to_end!r}"
+        )
 
 
 def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> list[_Site]:
@@ -276,12 +306,14 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
         raise CalibrationError(
             f"calibrate expects the model returned by attnrewrite.rewrite(...), got "
             f"{type(model).__name__}; rewrite it first, e.g. rw = attnrewrite.rewrite(model, "
-            "'hedgehog', args=...), then calibrate(rw, inputs)")
+            "'hedgehog', args=...), then calibrate(rw, inputs)"
+        )
     modules = model.variant_modules
     if not modules:
         raise CalibrationError(
             "the model has no rewritten attention site, so there is nothing to calibrate; see "
-            "print(model.report) for why each site was skipped")
+            "print(model.report) for why each site was skipped"
+        )
     variant_of = {row.name: row.variant for row in model.report.rewritten}
     chosen = list(modules)
     if layers is not None:
@@ -290,7 +322,8 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
         if not chosen:
             raise CalibrationError(
                 f"layers={layers!r} matches no rewritten site; the rewritten sites are: "
-                f"{', '.join(modules)}")
+                f"{', '.join(modules)}"
+            )
     sites = []
     for name in chosen:
         module = modules[name]
@@ -302,7 +335,8 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
                 raise CalibrationError(
                     f"site '{name}' is rewritten into '{variant}', which has no trainable "
                     "parameters: there is nothing to calibrate. Leave it out of layers=, or "
-                    "rewrite it into a trainable variant (t2r, hedgehog, linformer, ...)")
+                    "rewrite it into a trainable variant (t2r, hedgehog, linformer, ...)"
+                )
             continue
         if loss == "attn_kl":
             check_attn_kl(module, name, variant)
@@ -312,7 +346,8 @@ def _select_sites(model: Any, layers: str | Sequence[str] | None, loss: str) -> 
         raise CalibrationError(
             f"no rewritten site has trainable parameters (variants used: {used}); calibration "
             "trains the parameters of variants such as t2r, hedgehog, kernel with an nn.Module "
-            "feature map, linformer or synthesizer: rewrite into one of those")
+            "feature map, linformer or synthesizer: rewrite into one of those"
+        )
     return sites
 
 
@@ -320,18 +355,26 @@ def _as_batches(inputs: Iterable[Any]) -> list[Batch]:
     if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
         raise CalibrationInputError(
             f"inputs must be an iterable of (args, kwargs) pairs, got {type(inputs).__name__}; "
-            "e.g. [((input_ids,), {}), ((), {'input_ids': ids, 'attention_mask': mask})]")
+            "e.g. [((input_ids,), {}), ((), {'input_ids': ids, 'attention_mask': mask})]"
+        )
     batches = []
     for index, item in enumerate(inputs):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2
-                and isinstance(item[0], (tuple, list))
-                and (item[1] is None or isinstance(item[1], Mapping))):
-            shape = (f"a {type(item).__name__} of length {len(item)}"
-                     if isinstance(item, (tuple, list)) else f"a {type(item).__name__}")
+        if not (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and isinstance(item[0], (tuple, list))
+            and (item[1] is None or isinstance(item[1], Mapping))
+        ):
+            shape = (
+                f"a {type(item).__name__} of length {len(item)}"
+                if isinstance(item, (tuple, list))
+                else f"a {type(item).__name__}"
+            )
             raise CalibrationInputError(
                 f"calibration input {index} is {shape}, not an (args, kwargs) pair with args a "
                 "tuple and kwargs a dict. Give one pair per batch, e.g. [((x,), {})] — wrap a "
-                "single pair in a list")
+                "single pair in a list"
+            )
         batches.append((tuple(item[0]), dict(item[1] or {})))
     if not batches:
         raise CalibrationInputError("inputs is empty: give at least one (args, kwargs) batch")
@@ -363,8 +406,9 @@ def _restore(parameters: list[nn.Parameter], values: list[Tensor]) -> None:
 # -- recording -------------------------------------------------------------------------------------
 
 
-def _record(model: RewrittenModel, sites: list[_Site], batches: list[Batch], bar: _Bar,
-            keep_outputs: bool) -> list[Any]:
+def _record(
+    model: RewrittenModel, sites: list[_Site], batches: list[Batch], bar: _Bar, keep_outputs: bool
+) -> list[Any]:
     """Run every batch with all sites teacher-forced; keep the selected sites' calls."""
     selected = {s.name: s for s in sites}
     current: dict[str, list[SiteCall]] = {}
@@ -390,7 +434,8 @@ def _record(model: RewrittenModel, sites: list[_Site], batches: list[Batch], bar
     if silent:
         raise CalibrationInputError(
             f"site(s) {', '.join(silent)} were never called on the calibration inputs; give "
-            "inputs that run through them")
+            "inputs that run through them"
+        )
     return outputs
 
 
@@ -439,8 +484,9 @@ def _site_error(site: _Site) -> float:
     return error / max(norm, 1e-12)
 
 
-def _learning_rate(base: float, step: int, total: int, elapsed: float,
-                   budget: float | None) -> float:
+def _learning_rate(
+    base: float, step: int, total: int, elapsed: float, budget: float | None
+) -> float:
     """Linear warm-up, then a cosine decay to 0 along the steps or the time, whichever is ahead."""
     warmup = max(1, round(WARMUP_SHARE * total))
     if step < warmup:
@@ -451,8 +497,15 @@ def _learning_rate(base: float, step: int, total: int, elapsed: float,
     return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: SiteLoss,
-                 order: list[int], lr: float, deadline: float | None, bar: _Bar) -> str:
+def _train_sites(
+    sites: list[_Site],
+    trainable: list[nn.Parameter],
+    site_loss: SiteLoss,
+    order: list[int],
+    lr: float,
+    deadline: float | None,
+    bar: _Bar,
+) -> str:
     if not order:
         return "steps"
     optimizer = torch.optim.Adam(trainable, lr=lr)
@@ -478,8 +531,10 @@ def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: S
                     raise CalibrationDivergedError(
                         f"calibration of site '{site.name}' ({site.variant}) stopped at step "
                         f"{step + 1}: the loss is {float(value.detach())}. Every parameter was "
-                        f"restored; try a smaller lr (it was {lr:g})", site=site.name,
-                        step=step + 1)
+                        f"restored; try a smaller lr (it was {lr:g})",
+                        site=site.name,
+                        step=step + 1,
+                    )
                 value.backward()
                 losses.append(float(value.detach()))
             site.seconds += time.perf_counter() - tick
@@ -489,11 +544,24 @@ def _train_sites(sites: list[_Site], trainable: list[nn.Parameter], site_loss: S
     return "steps"
 
 
-def _rows(sites: list[_Site], before: dict[str, float], after: dict[str, float],
-          reverted: set[str] = frozenset()) -> tuple[SiteCalibration, ...]:
+def _rows(
+    sites: list[_Site],
+    before: dict[str, float],
+    after: dict[str, float],
+    reverted: set[str] = frozenset(),
+) -> tuple[SiteCalibration, ...]:
     return tuple(
-        SiteCalibration(s.name, s.variant, before[s.name], after.get(s.name, float("nan")),
-                        s.steps, s.seconds, s.name in reverted) for s in sites)
+        SiteCalibration(
+            s.name,
+            s.variant,
+            before[s.name],
+            after.get(s.name, float("nan")),
+            s.steps,
+            s.seconds,
+            s.name in reverted,
+        )
+        for s in sites
+    )
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -501,13 +569,16 @@ def _rows(sites: list[_Site], before: dict[str, float], after: dict[str, float],
 
 def _output_error(output: Any, reference: Any) -> tuple[Tensor, Tensor]:
     """Σ (y − t)² and Σ t² over every floating-point tensor of a model output."""
-    leaves = [(y, t) for y, t in zip(pytree.tree_leaves(output), pytree.tree_leaves(reference),
-                                      strict=True)
-              if isinstance(t, Tensor) and t.is_floating_point()]
+    leaves = [
+        (y, t)
+        for y, t in zip(pytree.tree_leaves(output), pytree.tree_leaves(reference), strict=True)
+        if isinstance(t, Tensor) and t.is_floating_point()
+    ]
     if not leaves:
         raise CalibrationError(
             "end_to_end needs a model output with floating-point tensors to compare; this "
-            "model returns none. Calibrate without end_to_end")
+            "model returns none. Calibrate without end_to_end"
+        )
     errors = [squared_error(y, t) for y, t in leaves]
     return sum(e for e, _ in errors), sum(n for _, n in errors)
 
@@ -522,9 +593,16 @@ def _model_error(model: RewrittenModel, batches: list[Batch], references: list[A
     return error / max(norm, 1e-12)
 
 
-def _train_end_to_end(model: RewrittenModel, trainable: list[nn.Parameter], batches: list[Batch],
-                      references: list[Any], order: list[int], lr: float,
-                      deadline: float | None, bar: _Bar) -> tuple[EndToEndCalibration, str]:
+def _train_end_to_end(
+    model: RewrittenModel,
+    trainable: list[nn.Parameter],
+    batches: list[Batch],
+    references: list[Any],
+    order: list[int],
+    lr: float,
+    deadline: float | None,
+    bar: _Bar,
+) -> tuple[EndToEndCalibration, str]:
     error_before = _model_error(model, batches, references)
     start_values = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.Adam(trainable, lr=lr)
@@ -547,7 +625,10 @@ def _train_end_to_end(model: RewrittenModel, trainable: list[nn.Parameter], batc
             raise CalibrationDivergedError(
                 f"the end-to-end step stopped at step {step + 1}: the model-output loss is "
                 f"{float(value.detach())}. Every parameter was restored; try a smaller lr (the "
-                f"end-to-end step used {lr:g})", site="end-to-end", step=step + 1)
+                f"end-to-end step used {lr:g})",
+                site="end-to-end",
+                step=step + 1,
+            )
         value.backward()
         optimizer.step()
         done += 1
@@ -597,8 +678,13 @@ def _progress_bar(enabled: bool) -> Iterator[_Bar]:
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3g}"), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3g}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True)) as progress:
         yield _Bar(progress)

@@ -39,8 +39,9 @@ def relative_mse(output: Tensor, teacher: Tensor) -> Tensor:
 
 def site_output(module: nn.Module, call: SiteCall) -> Tensor:
     """The site's own output on one recorded call."""
-    return module(call.query, call.key, call.value, mask=call.mask, causal=call.causal,
-                  scale=call.scale)
+    return module(
+        call.query, call.key, call.value, mask=call.mask, causal=call.causal, scale=call.scale
+    )
 
 
 def site_output_loss(module: nn.Module, call: SiteCall) -> Tensor:

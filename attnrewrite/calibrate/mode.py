@@ -4,7 +4,7 @@ Both are context managers that change a rewritten model in place and put it back
 the body raises:
 
 - :func:`teacher_forcing` makes every chosen variant module compute the exact softmax output from
-  its canonical inputs (the teacher, :func:`attnrewrite.passes.canonicalize.attention`), hand that
+  its canonical inputs (the teacher, :func:`attnrewrite.ops.attention`), hand that
   output downstream, and report the inputs and the teacher output to a callback. The rest of the
   model therefore runs exactly as the original, so every site sees the inputs it would see in the
   original model, whatever the other sites' variants currently compute.
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from attnrewrite.passes.canonicalize import attention
+from attnrewrite.ops import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +58,29 @@ def _detached(x: Tensor | None) -> Tensor | None:
 
 
 def _teacher_forward(name: str, record: Record) -> Callable[..., Tensor]:
-    def forward(query: Tensor, key: Tensor, value: Tensor, *, mask: Tensor | None = None,
-                causal: bool = False, scale: float = 1.0) -> Tensor:
+    def forward(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        scale: float = 1.0,
+    ) -> Tensor:
         with torch.no_grad():
             teacher = attention(query, key, value, mask, causal, scale)
-        record(name, SiteCall(query.detach(), key.detach(), value.detach(), _detached(mask),
-                              bool(causal), float(scale), teacher))
+        record(
+            name,
+            SiteCall(
+                query.detach(),
+                key.detach(),
+                value.detach(),
+                _detached(mask),
+                bool(causal),
+                float(scale),
+                teacher,
+            ),
+        )
         return teacher
 
     return forward

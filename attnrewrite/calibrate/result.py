@@ -68,24 +68,39 @@ class CalibrationResult:
     metric: str = ERROR_METRIC
 
     def table(self) -> list[dict[str, str]]:
-        return [{
-            "site": r.site, "variant": r.variant,
-            "error before": f"{r.error_before:.3g}", "error after": f"{r.error_after:.3g}",
-            "reduction": "reverted" if r.reverted else _reduction(r.error_before, r.error_after),
-            "steps": str(r.steps), "seconds": f"{r.seconds:.1f}",
-        } for r in self.rows]
+        return [
+            {
+                "site": r.site,
+                "variant": r.variant,
+                "error before": f"{r.error_before:.3g}",
+                "error after": f"{r.error_after:.3g}",
+                "reduction": "reverted"
+                if r.reverted
+                else _reduction(r.error_before, r.error_after),
+                "steps": str(r.steps),
+                "seconds": f"{r.seconds:.1f}",
+            }
+            for r in self.rows
+        ]
 
     def _footer(self) -> list[str]:
-        lines = [f"error: {self.metric}",
-                 f"loss: {self.loss}; {self.batches} batch(es); stopped by {self.stopped}; "
-                 f"{self.seconds:.1f} s in all"]
+        lines = [
+            f"error: {self.metric}",
+            f"loss: {self.loss}; {self.batches} batch(es); stopped by {self.stopped}; "
+            f"{self.seconds:.1f} s in all",
+        ]
         e2e = self.end_to_end
         if e2e is not None:
             lines.append(
                 f"end-to-end: model-output relative MSE {e2e.error_before:.3g} -> "
                 f"{e2e.error_after:.3g} in {e2e.steps} step(s), {e2e.seconds:.1f} s"
-                + ("; it made the error worse, so the parameters were reverted to the per-site "
-                   "step's" if e2e.reverted else ""))
+                + (
+                    "; it made the error worse, so the parameters were reverted to the per-site "
+                    "step's"
+                    if e2e.reverted
+                    else ""
+                )
+            )
         return lines
 
     def to_markdown(self) -> str:

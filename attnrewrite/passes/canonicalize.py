@@ -2,9 +2,9 @@
 
 Reads: the :class:`~attnrewrite.passes.find_attention.SiteMatch` records of the sites to rewrite.
 Changes: for each, inserts the canonical q, k, v (scale and grouped-KV repeats stripped, axes moved
-to (batch, heads, seq, feature)), the canonical mask, and one call of :func:`attention` carrying the
-site in ``meta["attnrewrite_site"]``; the site's output node is replaced by the canonical output
-moved
+to (batch, heads, seq, feature)), the canonical mask, and one call of the canonical op
+``torch.ops.attnrewrite.attention`` (:mod:`attnrewrite.ops`) carrying the site (JSON argument, and
+``meta["attnrewrite_site"]``); the site's output node is replaced by the canonical output moved
 back to the model's layout. After this pass the graph no longer depends on how the model spelled
 attention; lowering the ``attention`` node to ``scaled_dot_product_attention`` is exact.
 
@@ -23,73 +23,19 @@ from typing import Any, ClassVar
 
 import sympy
 import torch
-from torch import Tensor, fx
+from torch import fx
 from torch.utils._sympy.functions import FloorDiv, PythonMod
 from torch.utils._sympy.functions import Max as SymMax
 from torch.utils._sympy.functions import Min as SymMin
 from torch.utils._sympy.functions import Mod as SymMod
 
+from attnrewrite.ops import ATTENTION, SITE_META, encode_site
 from attnrewrite.passes import graph as G
 from attnrewrite.passes.base import Emitter, PassResult, aten
 from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
 from attnrewrite.passes.mask_analysis import MaskAnalysis, reshape_groups
+from attnrewrite.passes.vocab import ROW_ELEMENTWISE
 from attnrewrite.site import MaskClass
-from attnrewrite.variants.softmax import exact_attention
-
-SITE_META = "attnrewrite_site"
-
-
-def attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    mask: Tensor | None = None,
-    causal: bool = False,
-    scale: float = 1.0,
-    dropout_p: float = 0.0,
-) -> Tensor:
-    """The canonical attention op: exact softmax attention on (B, H, N, d) tensors."""
-    return exact_attention(query, key, value, mask, causal, scale, dropout_p)
-
-
-_ELEMENTWISE_ROW = frozenset(
-    {
-        "add",
-        "sub",
-        "rsub",
-        "mul",
-        "div",
-        "where",
-        "masked_fill",
-        "__and__",
-        "__or__",
-        "__invert__",
-        "bitwise_and",
-        "bitwise_or",
-        "bitwise_not",
-        "logical_and",
-        "logical_or",
-        "logical_not",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "to",
-        "_to_copy",
-        "clone",
-        "contiguous",
-        "alias",
-        "neg",
-        "exp",
-        "log",
-        "minimum",
-        "maximum",
-        "clamp",
-        "abs",
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +147,15 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     # A dense mask already holds the causal condition, unless it came from sdpa's is_causal.
     causal = match.sdpa_causal if dense else site.mask.is_causal
     node = emit.call(
-        attention, q, k, v, mask=mask, causal=causal, scale=site.scale, dropout_p=site.dropout_p
+        ATTENTION,
+        q,
+        k,
+        v,
+        mask,
+        causal,
+        float(site.scale),
+        float(site.dropout_p),
+        encode_site(site),
     )
     node.meta[SITE_META] = site
     return _restore_output(emit, node, match, heads)
@@ -525,7 +479,7 @@ def _row(emit: Emitter, node: fx.Node, rows: _Rows) -> fx.Node:
     positional = _positional_row(emit, node, rows)
     if positional is not None:
         new = positional
-    elif name in _ELEMENTWISE_ROW:
+    elif name in ROW_ELEMENTWISE:
 
         def sub(a: Any) -> Any:
             if isinstance(a, fx.Node) and G.rank(a) >= 2 and out_rank - G.rank(a) <= out_rank - 2:

@@ -2,20 +2,24 @@
 
 Reads: a ``GraphModule`` captured by ``torch.export`` (ATen training IR, ``meta["val"]`` on nodes).
 Changes: nothing. Produces: one :class:`SiteMatch` per site — the facts (:class:`AttentionSite`)
-plus
-the graph positions the canonicalisation needs — and, in debug mode, why each other softmax was not
+plus the graph positions the canonicalisation needs — and, for each other softmax, why it was not
 taken as attention.
 
-A manual site is anchored on a softmax over the last axis of its input. Upward, the walk passes
-casts, copies, batch-only reshapes, scalar scales, additive masks, ``masked_fill`` and ``where``
-with
-a masked fill value, to a product whose output's last two axes are (query, key): the key axis must
-be a free axis of one operand (K) and the query axis a free axis of the other (Q), with exactly one
-contracted axis (the feature axis). Downward, it passes casts, copies, dropout and batch-only
-reshapes to a product that contracts the key axis — and only it — with a value operand. Anything
-else
-(softmax over the query or head axis, kᵀ·q, a product with no value operand) is not attention, and
-the debug log says why.
+A manual site is anchored on a softmax. The softmax's axis picks a :data:`SCORE_LAYOUTS` entry:
+which of the last two axes of the scores holds the keys (the softmax axis) and which the queries —
+(…, query, key) for q·kᵀ normalised over the last axis, (…, key, query) for k·qᵀ normalised over
+axis −2. Upward, the walk takes one :data:`SCORE_RULES` step per node (casts, copies, batch-only
+reshapes, scalar scales, learned temperatures, additive masks, ``masked_fill`` and ``where`` with a
+masking value, ...) up to a product whose query and key axes are free axes of different operands
+(Q, K), with exactly one contracted axis (the feature axis). Downward, it passes the nodes a
+:data:`PROBS_RULES` entry accepts (casts, copies, dropout, batch-only reshapes, transposes of the
+last two axes) down to a product that contracts the key axis — and only it — with a value operand.
+Anything else (softmax over the query or head axis, a product with no value operand) is not
+attention, and the reason is returned.
+
+The alternatives are tables of :class:`Rule` entries (a name, the ops it applies to, a function
+that returns ``None`` when a node is not its spelling), each tried in order by one small driver
+(:func:`first_match`). A new spelling is one entry plus one case in ``tests/passes/spellings.py``.
 
 An ``F.scaled_dot_product_attention`` call is a site as it stands.
 """
@@ -24,28 +28,88 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import fx
 
 from attnrewrite.passes import graph as G
-from attnrewrite.passes.mask_analysis import AbstractValue, MaskAnalysis, _masked, reshape_groups
+from attnrewrite.passes.mask_analysis import (
+    AbstractValue,
+    MaskAnalysis,
+    _masked,
+    reshape_groups,
+    swap_last_two,
+)
 from attnrewrite.passes.products import Product, as_product
+from attnrewrite.passes.vocab import (
+    AXIS_PERMUTES,
+    CASTS,
+    COPIES,
+    DROPOUTS,
+    FOLDS,
+    MATRIX_TRANSPOSES,
+    RESHAPES,
+    SCALE_COMMUTING_VIEWS,
+    SCORE_CAPS,
+    SDPA_OPS,
+    SOFTMAX_OPS,
+)
 from attnrewrite.site import AttentionSite, MaskClass, Rejected
 
-SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "special_softmax"})
-SDPA_OPS = frozenset({"scaled_dot_product_attention"})
-_COPIES = frozenset({"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"})
-_CASTS = frozenset({"to", "_to_copy", "type_as"})
-_RESHAPES = frozenset(
-    {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "unflatten", "expand"}
-)
-_DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
+# Bounds on the walks below. Each walk follows one chain of nodes; a chain longer than its bound is
+# not a spelling the finder knows (and a cycle-free FX graph cannot loop, so the bounds only cap
+# the work spent on an unusual graph).
+
+#: Nodes between the score product and softmax (casts, scales, each mask term, reshapes).
+SCORE_CHAIN_LIMIT = 64
+#: Nodes between softmax and the value product (casts, copies, dropout, reshapes).
+PROBS_CHAIN_LIMIT = 32
+#: Permutations, copies, reshapes and scales walked up from a product operand to its source.
+OPERAND_CHAIN_LIMIT = 24
+#: Nodes walked up from a score candidate looking for the product it comes from (also the depth
+#: of the recursion into both operands of an add, mul, where, ...).
+REACH_PRODUCT_DEPTH = 24
+#: Nodes walked up from a product operand to the reshape that folded heads into its batch axis.
+FOLDED_HEADS_CHAIN_LIMIT = 12
+#: Depth of the structural comparison of two mask computations (a mask recomputed after softmax).
+SAME_VALUE_DEPTH = 12
+#: Ancestors of q and k visited when deciding whether they share a source (self-attention): past
+#: this many nodes the site is taken as cross-attention, which every variant handles correctly.
+SHARED_SOURCE_ANCESTORS = 400
 
 
 class NotAttention(Exception):
     """Raised inside the walk with the reason a softmax is not taken as attention."""
+
+
+_Match = TypeVar("_Match")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(Generic[_Match]):
+    """One spelling the finder knows, tried on nodes whose op is one of ``ops``.
+
+    ``match(node, *context)`` returns what the spelling makes of ``node`` (the next node of a walk)
+    or ``None`` when ``node`` is not this spelling, so the next rule is tried. It raises
+    :class:`NotAttention` when ``node`` is this spelling but the softmax is then not attention.
+    """
+
+    name: str
+    ops: frozenset[str]
+    match: Callable[..., _Match | None]
+
+
+def first_match(rules: Sequence[Rule[_Match]], node: fx.Node, *context: Any) -> _Match | None:
+    """The answer of the first rule that applies to ``node``'s op and matches, in table order."""
+    name = G.op_name(node)
+    for rule in rules:
+        if name in rule.ops:
+            found = rule.match(node, *context)
+            if found is not None:
+                return found
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,16 +218,102 @@ def _name_sites(matches: list[SiteMatch]) -> None:
 # -- manual sites ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreLayout:
+    """Where a softmax's input holds its query and key axes (negative, counted from the end).
+
+    The softmax normalises ``key_axis``; ``query_axis`` is the other of the last two axes. Mask
+    terms are put in canonical form in the (…, query, key) layout only: in another layout a masked
+    site is found (its mask class read in (query, key) order) but left as it is.
+    """
+
+    name: str
+    key_axis: int
+    query_axis: int
+    #: Said in the site's notes (empty for the usual layout).
+    note: str = ""
+    #: A query axis of size 1 makes the softmax a pooling over the sequence, not attention.
+    one_query_pools: bool = False
+
+    @property
+    def key_last(self) -> bool:
+        return self.key_axis == -1
+
+
+#: The ways a softmax's input is read as attention scores, tried in order.
+SCORE_LAYOUTS: tuple[ScoreLayout, ...] = (
+    ScoreLayout("q·kᵀ over the last axis", key_axis=-1, query_axis=-2),
+    # Key-major scores k·qᵀ, (…, key, query), normalised over the keys by softmax(dim=-2); the value
+    # product contracts axis −2 (pᵀ·v, or an einsum naming it). A (…, N, 1) column of scores
+    # softmaxed over N is softmax pooling (one score per token, no query): not taken as attention.
+    ScoreLayout(
+        "kᵀ·q over axis -2",
+        key_axis=-2,
+        query_axis=-1,
+        note="key-major scores (k·qᵀ, softmax over dim -2)",
+        one_query_pools=True,
+    ),
+)
+
+
 @dataclasses.dataclass
 class _ScoreWalk:
-    product: Product
-    chain: list[fx.Node]
-    scale: float
-    terms: list[MaskTerm]
-    tensor_scales: list[tuple[str, fx.Node]]
+    """What the walk from softmax up to the score product has collected so far."""
+
+    gm: fx.GraphModule
+    analysis: MaskAnalysis
+    scale: float = 1.0
+    terms: list[MaskTerm] = dataclasses.field(default_factory=list)
+    tensor_scales: list[tuple[str, fx.Node]] = dataclasses.field(default_factory=list)
     transforms: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     floor: float | None = None  # max(scores, floor) right before softmax
+    product: Product | None = None  # set when the walk reaches it
+
+    def add_term(self, term: MaskTerm) -> None:
+        # Walking up from softmax, the scales met so far are applied *after* this term: the term is
+        # scaled with the scores (softmax((q·kᵀ + b)·s) adds s·b). A learned temperature there
+        # would have to multiply the mask too, which the canonical form cannot say.
+        if self.tensor_scales:
+            self.problems.append("a mask or bias is added inside a tensor-valued temperature")
+        if self.scale <= 0:
+            self.problems.append("a mask or bias is scaled by a non-positive factor")
+        self.terms.append(term)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreOperands:
+    """The score product read as q·kᵀ: the query and key operands, their letters, the feature."""
+
+    product: Product
+    query: fx.Node
+    query_letters: str
+    query_seq: str
+    key: fx.Node
+    key_letters: str
+    key_seq: str
+    feature: str
+
+    @property
+    def batch_letters(self) -> str:
+        return self.product.out_letters[:-2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ValueProduct:
+    """The product of the probabilities with the values, and the path the probabilities took."""
+
+    product: Product
+    probs: fx.Node  # the probabilities as the product reads them
+    chain: tuple[fx.Node, ...]  # the nodes from softmax (excluded) to ``probs``
+    dropout_p: float
+    escape: bool
+    probs_letters: str
+    value: fx.Node
+    value_letters: str
+    query: str  # the query letter of the product's output
+    key: str  # the contracted key letter
+    feature: str  # the value's feature letter
 
 
 def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
@@ -176,17 +326,71 @@ def _softmax_parts(node: fx.Node) -> tuple[fx.Node, int, bool]:
 
 
 def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -> SiteMatch:
-    scores, dim, upcast = _softmax_parts(softmax)
+    """A softmax read as attention: scores of a q·kᵀ product laid out as a :data:`SCORE_LAYOUTS`
+    entry says, probabilities multiplied with values over the key axis."""
+    scores, dim, _ = _softmax_parts(softmax)
     r = G.rank(scores)
     if r < 2:
         raise NotAttention("softmax of a vector (no query axis)")
-    if dim != r - 1:
-        raise NotAttention(
-            f"softmax over axis {dim}, not the last axis of its (..., query, key) input"
-        )
+    layout = _layout_of(scores, dim, r)
     walk = _walk_scores(gm, scores, analysis)
-    prod = walk.product
-    q_letter, k_letter = prod.out_letters[-2], prod.out_letters[-1]
+    qk = _score_operands(walk.product, layout)
+    pv = _value_product(softmax, layout)
+    frame_batch = tuple(G.shape(scores)[:-2])
+    score_batch = tuple(G.shape(qk.product.node)[:-2])
+    out_batch = tuple(G.shape(pv.probs)[:-2])
+    head = qk.batch_letters[-1] if len(qk.batch_letters) >= 2 else None
+    query = _operand(gm, qk.query, qk.query_letters, qk.query_seq, qk.feature)
+    key = _operand(gm, qk.key, qk.key_letters, qk.key_seq, qk.feature, head)
+    p_batch = pv.probs_letters[:-2]
+    p_head = p_batch[-1] if len(p_batch) >= 2 else None
+    # The value operand keeps the value product's own letters: it is canonicalised with the
+    # value product's batch order (its letters need not match the score product's).
+    value = _operand(gm, pv.value, pv.value_letters, pv.key, pv.feature, p_head)
+    mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r, layout)
+    problem = _manual_problem(gm, walk, layout, pv, (frame_batch, score_batch, out_batch))
+    return SiteMatch(
+        site=_manual_facts(softmax, layout, walk, qk, pv, query, key, (mask_class, mask_reason)),
+        anchor=softmax,
+        output=pv.product.node,
+        query=query,
+        key=key,
+        value=value,
+        batch_letters=qk.batch_letters,
+        frame_batch=frame_batch,
+        score_batch=score_batch,
+        out_letters=pv.product.out_letters,
+        out_batch=out_batch,
+        out_q=pv.query,
+        out_e=pv.feature,
+        mask_terms=tuple(walk.terms),
+        mask_value=mask_value,
+        canonical_problem=problem,
+        query_scales=tuple(walk.tensor_scales),
+        score_floor=walk.floor,
+    )
+
+
+def _layout_of(scores: fx.Node, dim: int, rank: int) -> ScoreLayout:
+    """The :data:`SCORE_LAYOUTS` entry whose key axis the softmax normalises."""
+    layout = next((lay for lay in SCORE_LAYOUTS if dim == rank + lay.key_axis), None)
+    if layout is None:
+        known = "; ".join(lay.name for lay in SCORE_LAYOUTS)
+        raise NotAttention(
+            f"softmax over axis {dim} of a rank-{rank} input, not the key axis of any score "
+            f"layout ({known})"
+        )
+    if layout.one_query_pools and G.is_one(G.shape(scores)[rank + layout.query_axis]):
+        raise NotAttention(
+            "softmax over a single column of scores: softmax pooling over the sequence, "
+            "not attention"
+        )
+    return layout
+
+
+def _score_operands(prod: Product, layout: ScoreLayout) -> _ScoreOperands:
+    """Read the score product as q·kᵀ with its axes where ``layout`` says, or raise."""
+    q_letter, k_letter = prod.out_letters[layout.query_axis], prod.out_letters[layout.key_axis]
     k_side = prod.side_of_free(k_letter)
     q_side = prod.side_of_free(q_letter)
     if k_side is None or q_side is None or k_side == q_side:
@@ -198,24 +402,25 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     (feature,) = prod.contracted
     q_node, q_letters = prod.operand(q_side)
     k_node, k_letters = prod.operand(k_side)
-    batch_letters = prod.out_letters[:-2]
-    for b in batch_letters:
+    for b in prod.out_letters[:-2]:
         if b not in q_letters and b not in k_letters:
             raise NotAttention("a batch axis of the scores comes from neither operand")
     extra = set(q_letters + k_letters) - set(prod.out_letters) - {feature}
     if extra:
         raise NotAttention("the score product reduces axes other than the feature axis")
+    return _ScoreOperands(prod, q_node, q_letters, q_letter, k_node, k_letters, k_letter, feature)
 
-    # Downward: the value product.
-    probs_end, dropout_p, escape, down_chain = _walk_probs(softmax)
+
+def _value_product(softmax: fx.Node, layout: ScoreLayout) -> _ValueProduct:
+    """Walk down from softmax to the value product and check that it contracts the key axis."""
+    probs_end, dropout_p, escape, chain = _walk_probs(softmax)
     vprod = as_product(probs_end)
     if vprod is None:
         raise NotAttention(
             f"the attention probabilities feed {G.op_name(probs_end) or probs_end.op}, "
             "not a product with values"
         )
-    p_node = down_chain[-1] if down_chain else softmax
-    swapped = sum(_swaps_last_two(n) for n in down_chain) % 2 == 1
+    p_node = chain[-1] if chain else softmax
     if vprod.lhs is p_node and vprod.rhs is not p_node:
         p_letters, v_node, v_letters = vprod.lhs_letters, vprod.rhs, vprod.rhs_letters
     elif vprod.rhs is p_node and vprod.lhs is not p_node:
@@ -224,7 +429,10 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         raise NotAttention("the probabilities are multiplied with themselves")
     if vprod.bias is not None or vprod.alpha != 1.0:
         raise NotAttention("the value product adds a bias or scales (baddbmm)")
-    pq, pk = (p_letters[-1], p_letters[-2]) if swapped else (p_letters[-2], p_letters[-1])
+    # An odd number of transposes on the way moves the key axis to the other of the last two.
+    swapped = sum(_swaps_last_two(n) for n in chain) % 2 == 1
+    key_last = layout.key_last != swapped
+    pq, pk = (p_letters[-2], p_letters[-1]) if key_last else (p_letters[-1], p_letters[-2])
     if vprod.contracted != {pk}:
         raise NotAttention(
             "the value product does not contract the key axis (softmax over the "
@@ -242,40 +450,68 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
     v_free = [c for c in v_letters if c not in p_letters]
     if len(v_free) != 1 or v_free[0] not in vprod.out_letters:
         raise NotAttention("the value operand has no single feature axis")
-    p_batch = p_letters[:-2]
-    if any(c not in vprod.out_letters for c in p_batch):
+    if any(c not in vprod.out_letters for c in p_letters[:-2]):
         raise NotAttention("the value product reduces a batch axis")
+    return _ValueProduct(
+        vprod,
+        p_node,
+        tuple(chain),
+        dropout_p,
+        escape,
+        p_letters,
+        v_node,
+        v_letters,
+        pq,
+        pk,
+        v_free[0],
+    )
 
-    frame_batch = tuple(G.shape(scores)[:-2])
-    score_batch = tuple(G.shape(prod.node)[:-2])
-    out_batch = tuple(G.shape(p_node)[:-2])
-    head = batch_letters[-1] if len(batch_letters) >= 2 else None
-    query = _operand(gm, q_node, q_letters, q_letter, feature)
-    key = _operand(gm, k_node, k_letters, k_letter, feature, head)
-    p_head = p_batch[-1] if len(p_batch) >= 2 else None
-    value = _operand(gm, v_node, v_letters, pk, v_free[0], p_head)
-    # The value operand keeps the value product's own letters: it is canonicalised with the
-    # value product's batch order (its letters need not match the score product's).
-    mask_value, mask_class, mask_reason = _classify_terms(analysis, walk.terms, r)
-    causal = mask_class.is_causal
-    problem = _canonical_problem(walk, scores, frame_batch, score_batch, out_batch)
+
+def _manual_problem(
+    gm: fx.GraphModule,
+    walk: _ScoreWalk,
+    layout: ScoreLayout,
+    pv: _ValueProduct,
+    batches: tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]],
+) -> str | None:
+    """Why a manual site cannot be put in canonical form (it is still a site), or ``None``."""
+    problem = _canonical_problem(walk, *batches)
     if walk.transforms:
         problem = (
             f"the scores pass through {'/'.join(walk.transforms)} (logit soft-capping or "
             "clipping) before softmax, which no variant reproduces"
         )
-    post = _post_mask_problem(down_chain, walk.terms, gm)
+    problems = list(walk.problems)
+    post = _post_mask_problem(list(pv.chain), walk.terms, gm)
     if post:
-        walk.problems.append(post)
-    if any(_slices_last(n) for n in down_chain) and not walk.problems:
-        walk.problems.append("the probabilities are cut along the key axis before the values")
-    if walk.problems:
-        problem = "; ".join(walk.problems)
-    scale = walk.scale * prod.alpha * query.factor * key.factor
-    heads, kv_heads = _heads(frame_batch, key, batch_letters, query)
-    q_shape, k_shape = G.shape(q_node), G.shape(k_node)
-    q_len = q_shape[q_letters.index(q_letter)]
-    k_len = k_shape[k_letters.index(k_letter)]
+        problems.append(post)
+    if walk.terms and not layout.key_last:
+        problems.append(f"a mask on {layout.note or layout.name} is not put in canonical form")
+    if any(_slices_last(n) for n in pv.chain) and not problems:
+        problems.append("the probabilities are cut along the key axis before the values")
+    return "; ".join(problems) if problems else problem
+
+
+def _manual_facts(
+    softmax: fx.Node,
+    layout: ScoreLayout,
+    walk: _ScoreWalk,
+    qk: _ScoreOperands,
+    pv: _ValueProduct,
+    query: Operand,
+    key: Operand,
+    mask: tuple[MaskClass, str],
+) -> AttentionSite:
+    """The facts of a manual site, as the report and the policy read them."""
+    scores, _, upcast = _softmax_parts(softmax)
+    frame_batch = tuple(G.shape(scores)[:-2])
+    mask_class, mask_reason = mask
+    heads, kv_heads = _heads(frame_batch, key, qk.batch_letters, query)
+    q_shape, k_shape = G.shape(qk.query), G.shape(qk.key)
+    q_len = q_shape[qk.query_letters.index(qk.query_seq)]
+    k_len = k_shape[qk.key_letters.index(qk.key_seq)]
+    head_dim = q_shape[qk.query_letters.index(qk.feature)]
+    over = _attends_over(head_dim, q_len, k_len)
     notes = []
     if query.factor != 1.0 or key.factor != 1.0:
         notes.append("scale applied to q/k")
@@ -285,48 +521,29 @@ def _manual_site(gm: fx.GraphModule, softmax: fx.Node, analysis: MaskAnalysis) -
         notes.append("heads folded into the batch")
     if walk.tensor_scales:
         notes.append("a tensor-valued scale (learned temperature) is folded into q")
-    over = _attends_over(q_shape[q_letters.index(feature)], q_len, k_len)
     if over == "channels":
         notes.append("channel attention: softmax over feature channels, tokens contracted")
-    site = AttentionSite(
+    if layout.note:
+        notes.append(layout.note)
+    return AttentionSite(
         name=G.module_path(softmax),
         kind="manual",
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=_int_or(q_shape[q_letters.index(feature)]),
-        value_dim=_int_or(G.shape(v_node)[v_letters.index(v_free[0])]),
-        scale=float(scale),
+        head_dim=_int_or(head_dim),
+        value_dim=_int_or(G.shape(pv.value)[pv.value_letters.index(pv.feature)]),
+        scale=float(walk.scale * qk.product.alpha * query.factor * key.factor),
         mask=mask_class,
-        causal=causal,
-        dropout_p=dropout_p,
-        is_cross=_is_cross(q_node, k_node, q_len, k_len),
-        weights_escape=escape,
+        causal=mask_class.is_causal,
+        dropout_p=pv.dropout_p,
+        is_cross=_is_cross(qk.query, qk.key, q_len, k_len),
+        weights_escape=pv.escape,
         query_len=G.size_text(q_len),
         key_len=G.size_text(k_len),
         dtype=str(G.dtype(scores)).replace("torch.", ""),
         upcast=upcast,
         notes=tuple(notes),
         attends_over=over,
-    )
-    return SiteMatch(
-        site=site,
-        anchor=softmax,
-        output=vprod.node,
-        query=query,
-        key=key,
-        value=value,
-        batch_letters=batch_letters,
-        frame_batch=frame_batch,
-        score_batch=score_batch,
-        out_letters=vprod.out_letters,
-        out_batch=out_batch,
-        out_q=pq,
-        out_e=v_free[0],
-        mask_terms=tuple(walk.terms),
-        mask_value=mask_value,
-        canonical_problem=problem,
-        query_scales=tuple(walk.tensor_scales),
-        score_floor=walk.floor,
     )
 
 
@@ -365,7 +582,7 @@ def _is_cross(q_node: fx.Node, k_node: fx.Node, q_len: Any, k_len: Any) -> bool:
     return not _share_source(q_node, k_node)
 
 
-def _share_source(a: fx.Node, b: fx.Node, limit: int = 400) -> bool:
+def _share_source(a: fx.Node, b: fx.Node, limit: int = SHARED_SOURCE_ANCESTORS) -> bool:
     """Whether q and k derive from a common non-parameter tensor (self-attention)."""
 
     def ancestors(n: fx.Node) -> set[fx.Node]:
@@ -394,9 +611,9 @@ def _folded_heads(operand: Operand, letter: str) -> int | None:
     H = (elements of the input group) / (batch · the other output axes of the group).
     """
     node, axis = operand.node, operand.letters.index(letter)
-    for _ in range(12):
+    for _ in range(FOLDED_HEADS_CHAIN_LIMIT):
         name = G.op_name(node)
-        if name in _COPIES or name in _CASTS or name in ("mul", "div"):
+        if name in COPIES or name in CASTS or name in ("mul", "div"):
             node = node.args[0]
             continue
         if name == "transpose":
@@ -409,7 +626,7 @@ def _folded_heads(operand: Operand, letter: str) -> int | None:
             axis = [G.normalize_dim(d, G.rank(node)) for d in G.arg(node, "dims")][axis]
             node = node.args[0]
             continue
-        if name in ("view", "reshape", "_unsafe_view"):
+        if name in FOLDS:
             src, dst = G.shape(node.args[0]), G.shape(node)
             for gs, gd in reshape_groups(src, dst):
                 if axis in gd and len(gs) >= 2:
@@ -454,7 +671,6 @@ def _heads(
 
 def _canonical_problem(
     walk: _ScoreWalk,
-    scores: fx.Node,
     frame_batch: tuple[Any, ...],
     score_batch: tuple[Any, ...],
     out_batch: tuple[Any, ...],
@@ -480,149 +696,183 @@ def _numel(sizes: tuple[Any, ...]) -> Any:
 
 
 def _walk_scores(gm: fx.GraphModule, x: fx.Node, analysis: MaskAnalysis) -> _ScoreWalk:
-    """From the softmax input up to the score product, collecting scale and mask terms."""
-    chain: list[fx.Node] = []
-    scale = 1.0
-    terms: list[MaskTerm] = []
-    tensor_scales: list[tuple[str, fx.Node]] = []
-    transforms: list[str] = []
-    problems: list[str] = []
-    walk_floor: float | None = None
+    """From the softmax input up to the score product, one :data:`SCORE_RULES` step per node."""
+    walk = _ScoreWalk(gm, analysis)
     cur = x
-
-    def add_term(term: MaskTerm) -> None:
-        # Walking up from softmax, the scales met so far are applied *after* this term: the term is
-        # scaled with the scores (softmax((q·kᵀ + b)·s) adds s·b). A learned temperature there
-        # would have to multiply the mask too, which the canonical form cannot say.
-        if tensor_scales:
-            problems.append("a mask or bias is added inside a tensor-valued temperature")
-        if scale <= 0:
-            problems.append("a mask or bias is scaled by a non-positive factor")
-        terms.append(term)
-
-    for _ in range(64):
-        prod = as_product(cur)
-        if prod is not None:
-            if prod.bias is not None:
-                add_term(MaskTerm("add", prod.bias, prod.beta * scale, cur))
-            return _ScoreWalk(
-                prod, chain, scale, terms, tensor_scales, transforms, problems, walk_floor
-            )
-        chain.append(cur)
-        name = G.op_name(cur)
-        if name in _COPIES or name in _CASTS:
-            cur = cur.args[0]
-            continue
-        if name in _RESHAPES:
-            src = cur.args[0]
-            if not _keeps_last_two(src, cur):
-                raise NotAttention(
-                    f"{name} between the score product and softmax moves the query/key axes"
-                )
-            cur = src
-            continue
-        if name in ("transpose", "permute"):
-            if not _identity_on_last_two(cur):
-                raise NotAttention(f"{name} of the scores swaps axes before softmax")
-            cur = cur.args[0]
-            continue
-        if name in ("mul", "div"):
-            a, b = cur.args[0], cur.args[1]
-            for path, other in ((a, b), (b, a)) if name == "mul" else ((a, b),):
-                factor = G.scalar_value(other, gm)
-                if isinstance(path, fx.Node) and factor is not None:
-                    scale = scale * factor if name == "mul" else scale / factor
-                    cur = path
-                    break
-            else:
-                # A learned temperature (scalar or per head, e.g. cosine attention's logit scale)
-                # is constant along the query and key axes: it folds into q exactly.
-                path, other = (a, b) if _reaches_product(a) or name == "div" else (b, a)
-                if not (isinstance(path, fx.Node) and _is_batch_only(other, cur)):
-                    raise NotAttention(
-                        f"scores are {name}-combined with a tensor that varies "
-                        "along the query or key axis"
-                    )
-                tensor_scales.append((name, other))
-                cur = path
-            continue
-        gated = _gated_scores(cur, analysis, gm)
-        if gated is not None:
-            path, gate, fill = gated
-            add_term(MaskTerm("keep", gate, fill * scale, cur))
-            cur = path
-            continue
-        if name in ("add", "sub"):
-            alpha = float(G.arg(cur, "alpha", 1)) * scale
-            a, b = cur.args[0], cur.args[1]
-            path, other, sign = _score_operand(cur, a, b)
-            if name == "sub":
-                if path is not a:
-                    raise NotAttention("scores are negated")
-                if _is_row_max(other, path):
-                    cur = path  # softmax(x - max x) == softmax(x)
-                    continue
-                sign = -1.0
-            if not isinstance(other, fx.Node):
-                cur = path  # adding a constant to every score changes nothing after softmax
-                continue
-            add_term(MaskTerm("add", other, sign * alpha, cur))
-            cur = path
-            continue
-        if name == "masked_fill":
-            fill = G.scalar_value(cur.args[2], gm)
-            if fill is None or not _masked(fill):
-                raise NotAttention("masked_fill of the scores with a value that does not mask")
-            add_term(MaskTerm("fill", cur.args[1], fill * scale, cur))
-            cur = cur.args[0]
-            continue
-        if name == "where" and len(cur.args) == 3:
-            cond, a, b = cur.args
-            va, vb = G.scalar_value(a, gm), G.scalar_value(b, gm)
-            if va is None and vb is None and isinstance(b, fx.Node):
-                vb = analysis.value(b).const if analysis.value(b).is_const else None
-            if va is None and vb is None and isinstance(a, fx.Node):
-                va = analysis.value(a).const if analysis.value(a).is_const else None
-            if vb is not None and _masked(vb) and isinstance(a, fx.Node):
-                add_term(MaskTerm("keep", cond, vb * scale, cur))
-                cur = a
-                continue
-            if va is not None and _masked(va) and isinstance(b, fx.Node):
-                add_term(MaskTerm("fill", cond, va * scale, cur))
-                cur = b
-                continue
-            raise NotAttention("where() on the scores does not select a masking value")
-        floor = _masked_floor(cur, gm)
-        if floor is not None:
-            # torch.max(scores, finfo.min) (XGLM, OPT): keeps -inf sums finite, so a fully masked
-            # row stays uniform. Met above any mask term, it folds into the mask exactly (finfo.min
-            # absorbs any moderate score); in between mask terms it would not.
-            if terms or tensor_scales or abs(floor * scale) < _ABSORBING:
-                problems.append("the scores are clamped from below between mask terms")
-            else:
-                walk_floor = floor * scale
-            cur = cur.args[0]
-            continue
-        if name in ("tanh", "clamp", "clamp_min", "clamp_max") and _reaches_product(cur.args[0]):
-            # Logit soft-capping (Gemma 2: cap·tanh(s/cap)) or clipping: still attention, but a
-            # nonlinear map of the scores that no variant reproduces; the site is reported as is.
-            transforms.append(name)
-            cur = cur.args[0]
-            continue
-        if name == "cat" and _sink_columns(cur):
-            # Attention sinks (gpt-oss): a learned logit per head appended as an extra key column,
-            # dropped again after softmax. Still attention, but the sink takes probability mass
-            # from every row, which the canonical form cannot say.
-            problems.append(
-                "attention sinks (an extra score column outside the keys) take part in the "
-                "softmax; no variant reproduces them"
-            )
-            cur = next(a for a in cur.args[0] if _reaches_product(a))
-            continue
-        if name == "getitem" or cur.op != "call_function":
-            raise NotAttention("softmax input does not come from a product")
-        raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
+    for _ in range(SCORE_CHAIN_LIMIT):
+        product = as_product(cur)
+        if product is not None:
+            if product.bias is not None:  # baddbmm's input: a bias added to the scores
+                walk.add_term(MaskTerm("add", product.bias, product.beta * walk.scale, cur))
+            walk.product = product
+            return walk
+        step = first_match(SCORE_RULES, cur, walk)
+        if step is None:
+            name = G.op_name(cur)
+            if name == "getitem" or cur.op != "call_function":
+                raise NotAttention("softmax input does not come from a product")
+            raise NotAttention(f"unsupported op {name!r} between the score product and softmax")
+        cur = step
     raise NotAttention("score chain too long")
+
+
+# Score rules: ``(node, walk) -> the node one step nearer the product``, recording scales and mask
+# terms in ``walk``; ``None`` when ``node`` is not the rule's spelling.
+
+
+def _score_copy(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    return node.args[0]
+
+
+def _score_reshape(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    src = node.args[0]
+    if not _keeps_last_two(src, node):
+        raise NotAttention(
+            f"{G.op_name(node)} between the score product and softmax moves the query/key axes"
+        )
+    return src
+
+
+def _score_permute(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    if not _identity_on_last_two(node):
+        raise NotAttention(f"{G.op_name(node)} of the scores swaps axes before softmax")
+    return node.args[0]
+
+
+def _score_constant_scale(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    name = G.op_name(node)
+    a, b = node.args[0], node.args[1]
+    for path, other in ((a, b), (b, a)) if name == "mul" else ((a, b),):
+        factor = G.scalar_value(other, walk.gm)
+        if isinstance(path, fx.Node) and factor is not None:
+            walk.scale = walk.scale * factor if name == "mul" else walk.scale / factor
+            return path
+    return None
+
+
+def _score_temperature(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    """A learned temperature (scalar or per head, e.g. cosine attention's logit scale) is constant
+    along the query and key axes: it folds into q exactly."""
+    name = G.op_name(node)
+    a, b = node.args[0], node.args[1]
+    path, other = (a, b) if _reaches_product(a) or name == "div" else (b, a)
+    if not (isinstance(path, fx.Node) and _is_batch_only(other, node)):
+        raise NotAttention(
+            f"scores are {name}-combined with a tensor that varies along the query or key axis"
+        )
+    walk.tensor_scales.append((name, other))
+    return path
+
+
+def _score_gate(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    gated = _gated_scores(node, walk.analysis, walk.gm)
+    if gated is None:
+        return None
+    path, gate, fill = gated
+    walk.add_term(MaskTerm("keep", gate, fill * walk.scale, node))
+    return path
+
+
+def _score_row_max(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    """softmax(x − max x) == softmax(x): the max subtraction changes nothing."""
+    path, other, _ = _score_operand(node, node.args[0], node.args[1])
+    return path if path is node.args[0] and _is_row_max(other, path) else None
+
+
+def _score_additive(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    a, b = node.args[0], node.args[1]
+    path, other, sign = _score_operand(node, a, b)
+    if G.op_name(node) == "sub":
+        if path is not a:
+            raise NotAttention("scores are negated")
+        sign = -1.0
+    if not isinstance(other, fx.Node):
+        return path  # adding a constant to every score changes nothing after softmax
+    alpha = float(G.arg(node, "alpha", 1)) * walk.scale
+    walk.add_term(MaskTerm("add", other, sign * alpha, node))
+    return path
+
+
+def _score_masked_fill(node: fx.Node, walk: _ScoreWalk) -> fx.Node:
+    fill = G.scalar_value(node.args[2], walk.gm)
+    if fill is None or not _masked(fill):
+        raise NotAttention("masked_fill of the scores with a value that does not mask")
+    walk.add_term(MaskTerm("fill", node.args[1], fill * walk.scale, node))
+    return node.args[0]
+
+
+def _score_where(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    if len(node.args) != 3:
+        return None
+    cond, a, b = node.args
+    va, vb = G.scalar_value(a, walk.gm), G.scalar_value(b, walk.gm)
+    analysis = walk.analysis
+    if va is None and vb is None and isinstance(b, fx.Node):
+        vb = analysis.value(b).const if analysis.value(b).is_const else None
+    if va is None and vb is None and isinstance(a, fx.Node):
+        va = analysis.value(a).const if analysis.value(a).is_const else None
+    if vb is not None and _masked(vb) and isinstance(a, fx.Node):
+        walk.add_term(MaskTerm("keep", cond, vb * walk.scale, node))
+        return a
+    if va is not None and _masked(va) and isinstance(b, fx.Node):
+        walk.add_term(MaskTerm("fill", cond, va * walk.scale, node))
+        return b
+    raise NotAttention("where() on the scores does not select a masking value")
+
+
+def _score_floor(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    """torch.max(scores, finfo.min) (XGLM, OPT): keeps -inf sums finite, so a fully masked row
+    stays uniform. Met above any mask term, it folds into the mask exactly (finfo.min absorbs any
+    moderate score); in between mask terms it would not."""
+    floor = _masked_floor(node, walk.gm)
+    if floor is None:
+        return None
+    if walk.terms or walk.tensor_scales or abs(floor * walk.scale) < _ABSORBING:
+        walk.problems.append("the scores are clamped from below between mask terms")
+    else:
+        walk.floor = floor * walk.scale
+    return node.args[0]
+
+
+def _score_cap(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    """Logit soft-capping (Gemma 2: cap·tanh(s/cap)) or clipping: still attention, but a nonlinear
+    map of the scores that no variant reproduces; the site is reported as is."""
+    if not _reaches_product(node.args[0]):
+        return None
+    walk.transforms.append(G.op_name(node))
+    return node.args[0]
+
+
+def _score_sinks(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
+    """Attention sinks (gpt-oss): a learned logit per head appended as an extra key column, dropped
+    again after softmax. Still attention, but the sink takes probability mass from every row,
+    which the canonical form cannot say."""
+    if not _sink_columns(node):
+        return None
+    walk.problems.append(
+        "attention sinks (an extra score column outside the keys) take part in the "
+        "softmax; no variant reproduces them"
+    )
+    return next(a for a in node.args[0] if _reaches_product(a))
+
+
+#: What may stand between the score product and softmax, tried in order on each node walking up.
+SCORE_RULES: tuple[Rule[fx.Node], ...] = (
+    Rule("copy or cast", COPIES | CASTS, _score_copy),
+    Rule("reshape keeping the query and key axes", RESHAPES, _score_reshape),
+    Rule("identity permutation", frozenset({"transpose", "permute"}), _score_permute),
+    Rule("constant scale", frozenset({"mul", "div"}), _score_constant_scale),
+    Rule("learned temperature", frozenset({"mul", "div"}), _score_temperature),
+    # GPT-1's multiplicative causal mask w·b + c·(1 − b).
+    Rule("0/1 gate", frozenset({"add"}), _score_gate),
+    Rule("row max subtracted", frozenset({"sub"}), _score_row_max),
+    Rule("additive mask or bias", frozenset({"add", "sub"}), _score_additive),
+    Rule("masked_fill", frozenset({"masked_fill"}), _score_masked_fill),
+    Rule("where", frozenset({"where"}), _score_where),
+    Rule("masking floor", frozenset({"maximum", "max", "clamp_min", "clamp"}), _score_floor),
+    Rule("soft-capping or clipping", SCORE_CAPS, _score_cap),
+    Rule("attention sinks", frozenset({"cat"}), _score_sinks),
+)
 
 
 def _gated_scores(
@@ -686,7 +936,7 @@ def _masked_floor(node: fx.Node, gm: fx.GraphModule) -> float | None:
         return None
     if name == "maximum" or (name == "max" and G.overload_name(node) == "other"):
         other = node.args[1]
-        while isinstance(other, fx.Node) and G.op_name(other) in _COPIES:
+        while isinstance(other, fx.Node) and G.op_name(other) in COPIES:
             other = other.args[0]  # torch.tensor(finfo.min) is lifted, copied and detached
         c = G.scalar_value(other, gm)
     elif name == "clamp_min":
@@ -735,7 +985,7 @@ def _score_operand(node: fx.Node, a: Any, b: Any) -> tuple[fx.Node, Any, float]:
     return pick, (b if pick is a else a), 1.0
 
 
-def _reaches_product(x: fx.Node, depth: int = 24) -> bool:
+def _reaches_product(x: fx.Node, depth: int = REACH_PRODUCT_DEPTH) -> bool:
     cur = x
     for _ in range(depth):
         if as_product(cur) is not None:
@@ -747,7 +997,7 @@ def _reaches_product(x: fx.Node, depth: int = 24) -> bool:
             )
         if cur.op != "call_function" or not cur.args or not isinstance(cur.args[0], fx.Node):
             return False
-        if name in ("tanh", "clamp"):
+        if name in SCORE_CAPS:
             cur = cur.args[0]
             continue
         if name in ("add", "sub", "mul", "div", "where", "masked_fill"):
@@ -763,7 +1013,7 @@ def _is_row_max(other: Any, path: fx.Node) -> bool:
     if not isinstance(other, fx.Node):
         return False
     n = other
-    while G.op_name(n) in _COPIES or G.op_name(n) == "detach":
+    while G.op_name(n) in COPIES:
         n = n.args[0]
     if G.op_name(n) == "getitem":
         n = n.args[0]
@@ -797,7 +1047,7 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
     dropout_p = 0.0
     escape = False
     chain: list[fx.Node] = []
-    for _ in range(32):
+    for _ in range(PROBS_CHAIN_LIMIT):
         users = list(cur.users)
         onward = [u for u in users if _passes_probs(u, cur)]
         products = [u for u in users if as_product(u) is not None]
@@ -812,7 +1062,7 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
         if len(onward) == 1 and len(users) >= 1:
             nxt = onward[0]
             escape = escape or len(users) > 1
-            if G.op_name(nxt) in _DROPOUTS:
+            if G.op_name(nxt) in DROPOUTS:
                 train = G.arg(nxt, "train", False)
                 if train:
                     dropout_p = float(G.arg(nxt, "p", 0.0))
@@ -834,16 +1084,48 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, float, bool, list[fx.Node]]:
 
 
 def _passes_probs(node: fx.Node, src: fx.Node) -> bool:
-    name = G.op_name(node)
+    """Whether the probabilities ``src`` flow on through ``node`` (a :data:`PROBS_RULES` entry)."""
     if not node.args or node.args[0] is not src:
         return False
-    if name in _COPIES or name in _CASTS or name in _DROPOUTS:
-        return True
-    if name in _RESHAPES and name != "expand":
-        return _keeps_last_two(src, node)
-    if name == "masked_fill" and G.scalar_value(node.args[2]) == 0.0:
-        return True  # checked against the scores' own mask in _post_mask_problem
-    return _swaps_last_two(node) or _slices_last(node)
+    return first_match(PROBS_RULES, node, src) is not None
+
+
+# Probability rules: ``(node, src) -> node`` when the probabilities ``src`` pass through ``node``
+# unchanged up to layout; ``None`` when ``node`` is not the rule's spelling.
+
+
+def _probs_unchanged(node: fx.Node, src: fx.Node) -> fx.Node:
+    return node
+
+
+def _probs_reshape(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    return node if _keeps_last_two(src, node) else None
+
+
+def _probs_zeroed(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    # Checked against the scores' own mask in _post_mask_problem.
+    return node if G.scalar_value(node.args[2]) == 0.0 else None
+
+
+def _probs_transposed(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    return node if _swaps_last_two(node) else None
+
+
+def _probs_sliced(node: fx.Node, src: fx.Node) -> fx.Node | None:
+    return node if _slices_last(node) else None
+
+
+#: What may stand between softmax and the value product, tried in order on each node walking down.
+PROBS_RULES: tuple[Rule[fx.Node], ...] = (
+    Rule("copy, cast or dropout", COPIES | CASTS | DROPOUTS, _probs_unchanged),
+    Rule("reshape keeping the query and key axes", RESHAPES - {"expand"}, _probs_reshape),
+    # CPM-Ant zeroes the masked probabilities again after softmax.
+    Rule("masked_fill with 0", frozenset({"masked_fill"}), _probs_zeroed),
+    # Channels-first values (v @ pᵀ), and key-major scores' pᵀ @ v.
+    Rule("transpose of the last two axes", AXIS_PERMUTES, _probs_transposed),
+    # gpt-oss drops its sink column after softmax.
+    Rule("slice along the last axis", frozenset({"slice"}), _probs_sliced),
+)
 
 
 def _post_mask_problem(down_chain: list[fx.Node], terms: list[MaskTerm], gm: fx.GraphModule) -> str:
@@ -862,7 +1144,7 @@ def _post_mask_problem(down_chain: list[fx.Node], terms: list[MaskTerm], gm: fx.
     return ""
 
 
-def _same_value(a: Any, b: Any, gm: fx.GraphModule, depth: int = 12) -> bool:
+def _same_value(a: Any, b: Any, gm: fx.GraphModule, depth: int = SAME_VALUE_DEPTH) -> bool:
     """Whether ``a`` and ``b`` compute the same value: the same node, or the same op applied to
     the same inputs (a mask recomputed from the same tensors), constants compared by value."""
     if a is b:
@@ -876,7 +1158,7 @@ def _same_value(a: Any, b: Any, gm: fx.GraphModule, depth: int = 12) -> bool:
         return va == vb
     if depth == 0 or a.op != "call_function" or b.op != "call_function" or a.target != b.target:
         return False
-    if G.is_inplace(a) or G.op_name(a) in _DROPOUTS or set(a.kwargs) != set(b.kwargs):
+    if G.is_inplace(a) or G.op_name(a) in DROPOUTS or set(a.kwargs) != set(b.kwargs):
         return False
     return _same_value(list(a.args), list(b.args), gm, depth - 1) and all(
         _same_value(a.kwargs[k], b.kwargs[k], gm, depth - 1) for k in a.kwargs
@@ -903,7 +1185,7 @@ def _swaps_last_two(node: fx.Node) -> bool:
     if name == "transpose":
         dims = {G.normalize_dim(G.arg(node, d), r) for d in ("dim0", "dim1")}
         return dims == {r - 2, r - 1}
-    if name in ("mT", "adjoint") or (name == "t" and r == 2):
+    if name in MATRIX_TRANSPOSES or (name == "t" and r == 2):
         return True
     if name == "permute":
         dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
@@ -913,10 +1195,8 @@ def _swaps_last_two(node: fx.Node) -> bool:
 
 # -- operands: strip scale and head repeats --------------------------------------------------------
 
-_PERMUTES = frozenset({"transpose", "permute", "mT", "t", "adjoint"}) | _COPIES
-_FOLDS = frozenset({"view", "reshape", "_unsafe_view"})
-#: Views a scalar scale commutes with: walked through (and replayed) to find a scale below them.
-_VIEWS = _FOLDS | {"expand", "unsqueeze", "squeeze", "slice"}
+#: Permutations and copies: a replay made only of these keeps every axis (and its size).
+_PERMUTES = AXIS_PERMUTES | COPIES
 
 
 def _operand(
@@ -933,7 +1213,7 @@ def _operand(
     factor = 1.0
     cur = node
     kv_heads = None
-    for _ in range(24):
+    for _ in range(OPERAND_CHAIN_LIMIT):
         name = G.op_name(cur)
         if kv_heads is None and head is not None and all(G.op_name(n) in _PERMUTES for n in replay):
             strip = _strip_repeat(cur)
@@ -942,7 +1222,8 @@ def _operand(
                 if _lands_on(axis, list(reversed(replay)), letters) == head:
                     cur, kv_heads = small, G.shape(small)[axis]
                     continue
-        if (name in _PERMUTES or name in _VIEWS) and cur.args and isinstance(cur.args[0], fx.Node):
+        views = name in _PERMUTES or name in SCALE_COMMUTING_VIEWS
+        if views and cur.args and isinstance(cur.args[0], fx.Node):
             replay.append(cur)
             cur = cur.args[0]
             continue
@@ -979,12 +1260,12 @@ def _lands_on(axis: int, replay: list[fx.Node], letters: str) -> str | None:
         if name == "transpose":
             d0, d1 = (G.normalize_dim(G.arg(node, d), r) for d in ("dim0", "dim1"))
             axis = d1 if axis == d0 else d0 if axis == d1 else axis
-        elif name in ("mT", "adjoint") or (name == "t" and r == 2):
+        elif name in MATRIX_TRANSPOSES or (name == "t" and r == 2):
             axis = r - 1 if axis == r - 2 else r - 2 if axis == r - 1 else axis
         elif name == "permute":
             dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
             axis = dims.index(axis)
-        elif name not in _COPIES:
+        elif name not in COPIES:
             return None
     return letters[axis] if 0 <= axis < len(letters) else None
 
@@ -1005,7 +1286,7 @@ def _strip_repeat(node: fx.Node) -> tuple[fx.Node, int] | None:
         if dim is None:
             return None
         return node.args[0], G.normalize_dim(dim, len(shp))
-    if name in _FOLDS:
+    if name in FOLDS:
         src = node.args[0]
         s = G.shape(src)
         if s is None or len(s) != len(shp) + 1 or G.op_name(src) != "expand":
@@ -1056,11 +1337,8 @@ def _through_slices(node: fx.Node) -> fx.Node:
 
 def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> SiteMatch:
     q, k, v = G.arg(node, "query"), G.arg(node, "key"), G.arg(node, "value")
-    attn_mask = G.arg(node, "attn_mask", None)
     dropout_p = float(G.arg(node, "dropout_p", 0.0))
-    is_causal = bool(G.arg(node, "is_causal", False))
     scale_arg = G.arg(node, "scale", None)
-    enable_gqa = bool(G.arg(node, "enable_gqa", False))
     qs, ks, vs = G.shape(q), G.shape(k), G.shape(v)
     r = len(qs)
     if r < 2:
@@ -1073,28 +1351,14 @@ def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> Sit
     query = _operand(gm, q, letters_q, "q", "d")
     key = _operand(gm, k, letters_k, "k", "d", head)
     value = _operand(gm, v, letters_v, "k", "e", head)
-    terms: list[MaskTerm] = []
-    if attn_mask is not None:
-        if G.dtype(attn_mask) == torch.bool:
-            terms.append(MaskTerm("keep", attn_mask, float("-inf"), node))
-        else:
-            terms.append(MaskTerm("add", attn_mask, 1.0, node))
-    mask_value, mask_class, reason = _classify_terms(analysis, terms, r)
-    if is_causal:
-        if mask_class in (MaskClass.NONE,):
-            mask_class = MaskClass.CAUSAL
-        elif mask_class == MaskClass.KEY:
-            mask_class = MaskClass.CAUSAL_KEY
-        elif mask_class != MaskClass.GENERAL:
-            mask_class = MaskClass.GENERAL  # causal given twice: keep it exact as general
-            reason = "is_causal together with a causal mask"
+    terms, mask_value, mask_class, reason = _sdpa_mask(analysis, node, r)
     frame_batch = tuple(
         torch.broadcast_shapes(tuple(qs[:-2]), tuple(ks[:-2]))
         if all(isinstance(s, int) for s in (*qs[:-2], *ks[:-2]))
         else qs[:-2]
     )
     heads, kv_heads = _heads(tuple(qs[:-2]), key, batch)
-    if enable_gqa and len(ks) >= 3:
+    if bool(G.arg(node, "enable_gqa", False)) and len(ks) >= 3:
         kv_heads = _int_or(ks[-3])
     notes = ["scale applied to q/k"] if query.factor != 1.0 or key.factor != 1.0 else []
     if reason:
@@ -1133,9 +1397,33 @@ def _sdpa_site(gm: fx.GraphModule, node: fx.Node, analysis: MaskAnalysis) -> Sit
         out_e="e",
         mask_terms=tuple(terms),
         mask_value=mask_value,
-        sdpa_causal=is_causal,
+        sdpa_causal=bool(G.arg(node, "is_causal", False)),
         canonical_problem=None if frame_batch is not None else "sdpa batch shapes",
     )
+
+
+def _sdpa_mask(
+    analysis: MaskAnalysis, node: fx.Node, rank: int
+) -> tuple[list[MaskTerm], AbstractValue | None, MaskClass, str]:
+    """sdpa's ``attn_mask`` as a mask term (a boolean mask keeps where True), with ``is_causal``
+    folded into the mask class."""
+    attn_mask = G.arg(node, "attn_mask", None)
+    terms: list[MaskTerm] = []
+    if attn_mask is not None:
+        if G.dtype(attn_mask) == torch.bool:
+            terms.append(MaskTerm("keep", attn_mask, float("-inf"), node))
+        else:
+            terms.append(MaskTerm("add", attn_mask, 1.0, node))
+    mask_value, mask_class, reason = _classify_terms(analysis, terms, rank)
+    if bool(G.arg(node, "is_causal", False)):
+        if mask_class in (MaskClass.NONE,):
+            mask_class = MaskClass.CAUSAL
+        elif mask_class == MaskClass.KEY:
+            mask_class = MaskClass.CAUSAL_KEY
+        elif mask_class != MaskClass.GENERAL:
+            mask_class = MaskClass.GENERAL  # causal given twice: keep it exact as general
+            reason = "is_causal together with a causal mask"
+    return terms, mask_value, mask_class, reason
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -1154,11 +1442,17 @@ def term_additive(analysis: MaskAnalysis, term: MaskTerm) -> AbstractValue:
 
 
 def _classify_terms(
-    analysis: MaskAnalysis, terms: list[MaskTerm], rank: int
+    analysis: MaskAnalysis,
+    terms: list[MaskTerm],
+    rank: int,
+    layout: ScoreLayout = SCORE_LAYOUTS[0],
 ) -> tuple[AbstractValue | None, MaskClass, str]:
+    """The combined additive mask and its class, read in (…, query, key) order."""
     if not terms:
         return None, MaskClass.NONE, ""
     avs = [term_additive(analysis, t) for t in terms]
     combined = analysis.combine_additive(avs, max(rank, max(a.rank for a in avs)))
+    if not layout.key_last:
+        combined = swap_last_two(combined)
     cls, reason = MaskAnalysis.classify(combined)
     return combined, cls, reason

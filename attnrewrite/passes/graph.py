@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import fx
+
+from attnrewrite.passes.vocab import SCALAR_COPIES
 
 _NO_DEFAULT = object()
 
@@ -76,11 +76,6 @@ def arg(node: fx.Node, name: str, default: Any = _NO_DEFAULT) -> Any:
     if default is _NO_DEFAULT:
         raise KeyError(f"{node.format_node()} has no argument {name!r}")
     return default
-
-
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    """The node inputs of ``node`` that are tensors (flattening lists such as ``index``'s)."""
-    return [n for n in node.all_input_nodes if is_tensor(n)]
 
 
 def val(node: Any) -> Any:
@@ -190,7 +185,7 @@ def scalar_value(x: Any, gm: fx.GraphModule | None = None) -> float | None:
         return {"sqrt": math.sqrt, "reciprocal": lambda v: 1.0 / v, "neg": lambda v: -v}[name](
             inner
         )
-    if name in ("clone", "detach", "detach_", "to", "_to_copy", "alias") and rank(x) == 0:
+    if name in SCALAR_COPIES and rank(x) == 0:
         return scalar_value(x.args[0], gm)
     return None
 
@@ -210,17 +205,3 @@ def module_path(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     # torch.export spells paths as attribute accesses; keep the dotted module path.
     return path.replace("L['self'].", "").replace("L__self___", "")
-
-
-def users_in_order(node: fx.Node) -> Iterator[fx.Node]:
-    yield from node.users
-
-
-def to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    """The dataflow of an FX graph as a networkx DiGraph over its nodes."""
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for inp in node.all_input_nodes:
-            g.add_edge(inp, node)
-    return g

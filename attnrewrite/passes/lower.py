@@ -1,10 +1,10 @@
 """Lower: replace each canonical ``attention`` node by a call of its variant module.
 
-Reads: ``attention`` nodes inserted by ``canonicalize`` (their site in ``meta["attnrewrite_site"]``)
-and a mapping site name -> variant module. Changes: registers each module on the graph module under
-``attnrewrite_variants.<site>`` (so its parameters and buffers are in ``state_dict()``) and swaps
-the
-node for a ``call_module`` with the same arguments. Canonical nodes without a module stay, and
+Reads: canonical ``torch.ops.attnrewrite.attention`` nodes (their :class:`AttentionSite` from
+:func:`attnrewrite.ops.site_of`) and a mapping site name -> variant module. Changes: registers each
+module on the graph module under ``attnrewrite_variants.<site>`` (so its parameters and buffers are
+in ``state_dict()``) and swaps the node for a ``call_module`` on the same q, k, v, mask, causal and
+scale. Canonical nodes without a module stay, and
 compute exact softmax attention.
 """
 
@@ -16,8 +16,8 @@ from typing import ClassVar
 
 from torch import fx, nn
 
+from attnrewrite.ops import is_attention, operands, site_of
 from attnrewrite.passes.base import PassResult
-from attnrewrite.passes.canonicalize import SITE_META, attention
 
 VARIANTS_ATTR = "attnrewrite_variants"
 
@@ -40,17 +40,21 @@ class LowerToVariants:
             gm.add_module(VARIANTS_ATTR, holder)
         lowered = 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target is not attention:
+            if not is_attention(node):
                 continue
-            site = node.meta[SITE_META]
+            site = site_of(node)
             module = self.modules.get(site.name)
             if module is None:
                 continue
             key = module_key(site.name)
             holder.add_module(key, module)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(f"{VARIANTS_ATTR}.{key}", node.args, dict(node.kwargs))
-            new.kwargs = {k: v for k, v in node.kwargs.items() if k != "dropout_p"}
+                args = operands(node)
+                new = gm.graph.call_module(
+                    f"{VARIANTS_ATTR}.{key}",
+                    (args["query"], args["key"], args["value"]),
+                    {"mask": args["mask"], "causal": args["causal"], "scale": args["scale"]},
+                )
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

@@ -32,12 +32,22 @@ import torch
 from torch import fx
 
 from attnrewrite.passes import graph as G
+from attnrewrite.passes.vocab import BROADCASTS, CASTS, COMPARISONS, COPIES, REGROUPS
 from attnrewrite.site import MaskClass
 
 #: Additive values at or below this are "masked": exp(-1000) is 0 in float32 and float64, so a
 #: fill of -10000 (HF's old value) plus any moderate bias still masks.
 MASKED_THRESHOLD = -1e3
 MASKED = float("-inf")
+
+#: Constant tensors (buffers) up to this many elements are inspected for a causal triangle on their
+#: last two axes (a registered ``tril`` buffer); larger ones are taken as data ("general").
+TRIANGLE_BUFFER_MAX_NUMEL = 1 << 26
+#: Diagonal offsets d tried when matching a constant buffer against ``tril``/``triu(diagonal=d)``.
+TRIANGLE_DIAGONALS = range(-2, 3)
+#: Bound on the merge/split steps that align one group of axes across a reshape; a group needs at
+#: most one step per axis, so this only stops a walk on inconsistent (unprovable symbolic) sizes.
+REGROUP_STEP_LIMIT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +172,16 @@ def _remap(
     return out
 
 
+def swap_last_two(av: AbstractValue) -> AbstractValue:
+    """``av`` with its last two axes exchanged: a mask on key-major (…, key, query) scores read in
+    the (…, query, key) order :meth:`MaskAnalysis.classify` expects."""
+    r = av.rank
+    if r < 2:
+        return av
+    mapping = {a: a for a in range(r - 2)} | {r - 2: r - 1, r - 1: r - 2}
+    return _remap(av, mapping, r, None)
+
+
 # -- scalar semantics of elementwise ops -----------------------------------------------------------
 
 
@@ -222,9 +242,6 @@ _UNARY: dict[str, Callable[[Any], Any]] = {
     "exp": lambda a: 0.0 if a == -math.inf else math.exp(min(a, 700.0)),
     "log": lambda a: -math.inf if a == 0 else math.log(a) if a > 0 else math.nan,
 }
-_COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
-_IDENTITY = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"}
-_CASTS = {"to", "_to_copy", "type_as"}
 
 #: Stand-ins for an unknown data value: a result counts as known only if it is the same for all
 #: of them — absorbing elements (False & x, -inf + x, 0 * x, where with a known condition).
@@ -325,9 +342,9 @@ class MaskAnalysis:
     def _rule(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
         if shp is None:
             return None
-        if name in _IDENTITY:
+        if name in COPIES:
             return self.value(node.args[0])
-        if name in _CASTS:
+        if name in CASTS:
             dt = G.dtype(node)
             src = self.value(node.args[0])
             if dt == torch.bool:
@@ -411,11 +428,11 @@ class MaskAnalysis:
             return _remap(
                 self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp
             )
-        if name in ("expand", "expand_as", "broadcast_to"):
+        if name in BROADCASTS:
             src = self.value(node.args[0])
             lead = r - src.rank
             return _remap(src, {a: a + lead for a in range(src.rank)}, r, shp)
-        if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
+        if name in REGROUPS:
             src_shape = G.shape(node.args[0])
             mapping = reshape_axis_map(src_shape, shp)
             return _remap(self.value(node.args[0]), mapping, r, shp)
@@ -439,7 +456,7 @@ class MaskAnalysis:
             return self._nary(lambda a, c, f: f if c else a, [x, cond, v], shp, r)
         if name == "where" and len(node.args) == 3:
             return self._nary(_where, list(node.args), shp, r)
-        if name in _COMPARE:
+        if name in COMPARISONS:
             return self._compare(node, name, shp, r)
         if name in ("add", "sub", "rsub"):
             alpha = G.arg(node, "alpha", 1)
@@ -480,7 +497,7 @@ class MaskAnalysis:
             return _dense(r, shp)
         if obj.numel() == 1:
             return _const(obj.reshape(()).item(), r)
-        if obj.dim() >= 2 and obj.numel() <= 1 << 26:
+        if obj.dim() >= 2 and obj.numel() <= TRIANGLE_BUFFER_MAX_NUMEL:
             return self._triangle(obj, r, shp) or _dense(r, shp)
         return _dense(r, shp)
 
@@ -498,7 +515,7 @@ class MaskAnalysis:
         if values.numel() != 2:
             return None
         lo, hi = values[0].item(), values[1].item()
-        for d in range(-2, 3):
+        for d in TRIANGLE_DIAGONALS:
             for keep, cmp in (
                 ((j - i) <= d, Cmp(r - 1, r - 2, d)),
                 ((i - j) <= -d, Cmp(r - 2, r - 1, -d)),
@@ -874,7 +891,7 @@ def reshape_axis_map(src: Sequence[Any] | None, dst: Sequence[Any] | None) -> di
         ps, pd = src[s_idx[i]], dst[d_idx[j]]
         i += 1
         j += 1
-        for _ in range(64):
+        for _ in range(REGROUP_STEP_LIMIT):
             if G.same_size(ps, pd):
                 break
             if G.size_hint(ps) <= G.size_hint(pd) and i < len(s_idx):

@@ -13,8 +13,7 @@ import string
 from torch import fx
 
 from attnrewrite.passes import graph as G
-
-PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
+from attnrewrite.passes.vocab import PRODUCT_OPS
 
 
 @dataclasses.dataclass(frozen=True)

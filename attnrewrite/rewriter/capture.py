@@ -158,6 +158,8 @@ class Captured:
     dynamic: bool
     notes: list[str]
     fixed_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Inputs capture added and fills in when a call leaves them out (``position_ids``).
+    default_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)
     guards: ShapeGuards = dataclasses.field(default_factory=ShapeGuards)
 
 
@@ -367,6 +369,34 @@ def _takes(forward: Any, name: str) -> bool:
         return False
 
 
+def _default_positions(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """``{"position_ids": 0..n-1 per sequence}`` for a generating model (Hugging Face's
+    ``can_generate()``: a causal LM head) that takes ``position_ids`` and was called with token ids
+    and a padding mask but no positions."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    can_generate = getattr(model, "can_generate", None)
+    if (
+        not callable(can_generate)
+        or not can_generate()
+        or "position_ids" in kwargs
+        or "attention_mask" not in kwargs
+        or not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.is_floating_point()
+        or not _takes(model.forward, "position_ids")
+    ):
+        return {}
+    return {"position_ids": default_positions(ids)}
+
+
+def default_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0..n-1 for each row of a (batch, n) input (what decoders use when not given)."""
+    batch, length = ids.shape[0], ids.shape[1]
+    return torch.arange(length, device=ids.device).unsqueeze(0).expand(batch, -1).contiguous()
+
+
 def _cache_default(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``forward`` takes ``use_cache``, the caller left it unset and it may default on."""
     if "use_cache" in kwargs or not _takes(model.forward, "use_cache"):
@@ -442,7 +472,14 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
     config_cache = bool(getattr(getattr(model, "config", None), "use_cache", False))
     if cache_default and config_cache:
         fixed["use_cache"] = False
+    defaulted = _default_positions(model, args, kwargs) if cache_default else {}
+    kwargs = {**kwargs, **defaulted}
     program, errors, last, touched = _export(model, args, {**kwargs, **fixed}, dynamic, notes)
+    if program is None and defaulted:
+        # The model does not take explicit positions after all: capture as called.
+        kwargs = {k: v for k, v in kwargs.items() if k not in defaulted}
+        defaulted = {}
+        program, errors, last, touched = _export(model, args, {**kwargs, **fixed}, dynamic, notes)
     if program is None and cache_default and not fixed and _returns_unknown_type(last):
         # Hugging Face models without ``config.use_cache`` that still return a cache object.
         fixed["use_cache"] = False
@@ -479,8 +516,14 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
             "captured with use_cache=False: the model's forward takes use_cache (left unset, "
             "and on by default) and may then return a key/value cache object, which is not a "
             "graph output. The rewritten model "
-            "recomputes the whole sequence on every call; calling it with use_cache=True raises "
-            "InputMismatchError (decoding with a cache is not supported by the rewritten graph)."
+            "recomputes the whole sequence on every call (use_cache=True raises "
+            "InputMismatchError); to generate token by token with state, use rw.generate(...)."
+        )
+    if defaulted:
+        notes.append(
+            "captured with position_ids as an input (the model's default when left out: 0, 1, "
+            "..., n-1 for every sequence, which calls without it still get) so that generation "
+            "can give left-padded prompts the positions Hugging Face's generate gives them"
         )
     kwargs = {**kwargs, **fixed}
     gm = _private_copy(program)
@@ -488,7 +531,15 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
     if dynamic and not any("static shapes" in note for note in notes):
         notes.extend(_specialisation_notes(guards))
     return Captured(
-        gm, program, args, kwargs, dynamic=True, notes=notes, fixed_kwargs=fixed, guards=guards
+        gm,
+        program,
+        args,
+        kwargs,
+        dynamic=True,
+        notes=notes,
+        fixed_kwargs=fixed,
+        guards=guards,
+        default_kwargs=dict.fromkeys(defaulted, "positions"),
     )
 
 

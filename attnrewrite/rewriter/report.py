@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import Counter
 
 from attnrewrite.site import AttentionSite, Rejected
 
-__all__ = ["Rejected", "Report", "SiteRow"]
+__all__ = ["Rejected", "Report", "SiteRow", "Status"]
+
+
+class Status(str, enum.Enum):
+    """What happened to a site (compares equal to its string value)."""
+
+    REWRITTEN = "rewritten"  # lowered to its variant
+    SKIPPED = "skipped"  # left as the model wrote it; the row's reason says why
+    CANONICAL = "canonical"  # ``attnrewrite.canonicalize``: one canonical attention op
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass(frozen=True)
 class SiteRow:
-    """What happened to one site: ``status`` is ``"rewritten"`` or ``"skipped"`` (``reason``)."""
+    """What happened to one site: ``status`` (a :class:`Status`) and, if skipped, ``reason``."""
 
     name: str
     site: AttentionSite
     variant: str
-    status: str
+    status: Status
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", Status(self.status))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +55,7 @@ class Report:
         return [r for r in self.sites if r.status == "skipped"]
 
     def counts(self) -> dict[str, int]:
-        return dict(Counter(r.status for r in self.sites))
+        return dict(Counter(str(r.status) for r in self.sites))
 
     def rows(self) -> list[dict[str, object]]:
         out = []
@@ -55,7 +72,7 @@ class Report:
                     "cross": "yes" if s.is_cross else "no",
                     "scale": f"{s.scale:.4g}",
                     "variant": r.variant,
-                    "status": r.status,
+                    "status": str(r.status),
                     "reason": r.reason,
                 }
             )
@@ -79,8 +96,9 @@ class Report:
         head = "  ".join(c.ljust(width[c]) for c in cols)
         body = ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
         c = self.counts()
+        done = ", ".join(f"{c[s]} {s}" for s in Status if s in c and s is not Status.SKIPPED)
         summary = (
-            f"{len(rows)} site(s): {c.get('rewritten', 0)} rewritten, {c.get('skipped', 0)} skipped"
+            f"{len(rows)} site(s): {done or '0 rewritten'}, {c.get(Status.SKIPPED, 0)} skipped"
         )
         notes = [f"note: {n}" for n in self.notes]
         return "\n".join([head, "-" * len(head), *body, summary, *notes])

@@ -21,8 +21,8 @@ from attnrewrite.passes.base import AliasClasses, dead_code_elimination, written
 from attnrewrite.passes.canonicalize import Canonicalize
 from attnrewrite.passes.find_attention import FindResult, SiteMatch, find_sites
 from attnrewrite.passes.lower import VARIANTS_ATTR, LowerToVariants
-from attnrewrite.rewriter.capture import Captured, capture
-from attnrewrite.rewriter.report import Report, SiteRow
+from attnrewrite.rewriter.capture import Captured, capture, default_positions
+from attnrewrite.rewriter.report import Report, SiteRow, Status
 from attnrewrite.site import AttentionSite
 from attnrewrite.variants import get_variant, variant_names
 from attnrewrite.variants.base import AttentionVariant
@@ -157,6 +157,7 @@ class RewrittenModel(nn.Module):
         self._example_args = captured.args
         self._example_kwargs = captured.kwargs
         self._fixed_kwargs = dict(captured.fixed_kwargs)
+        self._default_kwargs = dict(captured.default_kwargs)
         self._shape_guards = captured.guards
 
     @property
@@ -223,20 +224,75 @@ class RewrittenModel(nn.Module):
         """``kwargs`` plus the keyword arguments capture fixed (``use_cache=False``); asking for
         another value of one of them raises :class:`InputMismatchError`. Backends that run
         ``graph_module`` directly (Inductor, ONNX) call this first."""
-        if not self._fixed_kwargs:
+        if not self._fixed_kwargs and not self._default_kwargs:
             return kwargs
         kwargs = dict(kwargs)
+        for name in self._default_kwargs:
+            ids = kwargs.get("input_ids")
+            if kwargs.get(name) is None and isinstance(ids, torch.Tensor):
+                kwargs[name] = default_positions(ids)
         for name, value in self._fixed_kwargs.items():
             given = kwargs.get(name)
             if given is not None and given != value:
                 raise InputMismatchError(
                     f"{name}={given!r} is not supported: the model was captured with "
                     f"{name}={value!r} (the example did not pass it), so the rewritten graph "
-                    "returns no key/value cache and cannot decode incrementally. Call it without "
-                    f"{name} (or with {name}={value!r})."
+                    "returns no key/value cache. Call it without "
+                    f"{name} (or with {name}={value!r}); to generate token by token, use "
+                    "rw.generate(input_ids, attention_mask, max_new_tokens=...)."
                 )
             kwargs[name] = value
         return kwargs
+
+    # -- generation ---------------------------------------------------------------------------
+    def decoder(self, compiler: Any = None, key: str = "eager"):
+        """The :class:`~attnrewrite.rewriter.generate.Decoder` of this model (built once per
+        ``key``): prefill and step graphs; raises ``DecodeError`` naming what cannot decode.
+        ``compiler`` (applied to both graphs) is how ``attnrewrite.compile`` adds Inductor."""
+        from attnrewrite.rewriter.generate import Decoder
+
+        cache = self.__dict__.setdefault("_decoders", {})
+        if key not in cache:
+            cache[key] = Decoder(self, compiler=compiler)
+        return cache[key]
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any
+    ) -> torch.Tensor:
+        """Generate like Hugging Face's ``generate``: the prompt followed by up to
+        ``max_new_tokens`` tokens, decoding each site as its variant's recurrence (a key/value
+        cache for ``softmax``, constant-size sums for the kernel family, a window for ``local``).
+
+        Options: ``max_new_tokens`` (20), ``do_sample`` (False: greedy), ``temperature``,
+        ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``seed``, ``check`` (True:
+        the first call checks one step against the parallel forward). Prompts of different
+        lengths are padded on the left with ``attention_mask`` zeros.
+        """
+        return self.decoder().generate(input_ids, attention_mask, **options)
+
+    def stream(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any
+    ):
+        """Like :meth:`generate`, as an iterator of (batch,) token tensors, one per step."""
+        return self.decoder().stream(input_ids, attention_mask, **options)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """The graph as a ``torch.export.ExportedProgram`` on the example inputs, with the batch
+        and sequence axes dynamic as at capture: save it with ``torch.export.save``. A canonical
+        program (:func:`canonicalize`) keeps its ``attnrewrite::attention`` calls; loading it
+        needs ``import attnrewrite`` first (which registers the op)."""
+        from attnrewrite.rewriter.capture import _auto_dynamic
+
+        kwargs = self.complete_kwargs(dict(self._example_kwargs))
+        args = self._example_args
+        with torch.no_grad():
+            return torch.export.export(
+                self.graph_module,
+                args,
+                kwargs,
+                dynamic_shapes=_auto_dynamic(self.graph_module, args, kwargs),
+                strict=False,
+            )
 
     def train(self, mode: bool = True) -> RewrittenModel:
         # Exported graph modules refuse train()/eval(); only the variant modules carry a mode.
@@ -332,6 +388,48 @@ def rewrite(
         A :class:`RewrittenModel`; ``.report`` says what happened to each site. The original model,
         its parameters and buffers are not modified.
     """
+    return _run(
+        model, variant, args, kwargs, sites=sites, seed=seed, debug=debug, check=check, **options
+    )
+
+
+def canonicalize(
+    model: Any,
+    args: Any = None,
+    kwargs: Any = None,
+    *,
+    sites: SiteSelector = None,
+    debug: bool = False,
+    check: bool = False,
+) -> RewrittenModel:
+    """The canonical program of ``model``: every accepted site one call of the canonical op
+    ``torch.ops.attnrewrite.attention`` (exact softmax attention on (B, H, N, d) tensors, the site
+    as data on the op).
+
+    The result is runnable (call it like the model: it computes what the model computes), printable
+    (``print(prog.graph_module.code)``), and saveable: ``torch.export.save(prog.export(), path)``;
+    ``import attnrewrite`` registers the op again before ``torch.export.load``. Every site the
+    finder refuses stays as the model wrote it, with the reason in ``prog.report``. ``sites``,
+    ``debug`` and ``check`` are as for :func:`rewrite`.
+    """
+    return _run(
+        model, "softmax", args, kwargs, sites=sites, seed=0, debug=debug, check=check, lower=False
+    )
+
+
+def _run(
+    model: Any,
+    variant: VariantSpec,
+    args: Any,
+    kwargs: Any,
+    *,
+    sites: SiteSelector,
+    seed: int | None,
+    debug: bool,
+    check: bool,
+    lower: bool = True,
+    **options: Any,
+) -> RewrittenModel:
     if not isinstance(variant, (str, Mapping)):
         raise UnknownVariantError(
             f"variant must be a name or a {{pattern: name}} dict, got {type(variant).__name__}; "
@@ -350,17 +448,20 @@ def rewrite(
         site = match.site
         name = _variant_for(site, variant) if _selected(site, sites) else None
         if name is None:
-            rows.append(SiteRow(site.name, site, "-", "skipped", "not selected"))
+            rows.append(SiteRow(site.name, site, "-", Status.SKIPPED, "not selected"))
             continue
         cls = get_variant(name)
-        reason = _refusal(match, cls)
-        if reason:
-            rows.append(SiteRow(site.name, site, name, "skipped", reason))
-            continue
         own = {k: v for k, v in options.items() if k in cls.option_names()}
+        reason = _refusal(match, cls, own)
+        if reason:
+            rows.append(SiteRow(site.name, site, name, Status.SKIPPED, reason))
+            continue
         modules[site.name] = cls(site, seed=_site_seed(seed, site.name), **own)
         accepted.append(match)
-        rows.append(SiteRow(site.name, site, name, "rewritten"))
+        if lower:
+            rows.append(SiteRow(site.name, site, name, Status.REWRITTEN))
+        else:
+            rows.append(SiteRow(site.name, site, "attention", Status.CANONICAL))
 
     if debug:
         _print_rejected(found)
@@ -379,11 +480,12 @@ def rewrite(
                 row.name,
                 row.site,
                 row.variant,
-                "skipped",
+                Status.SKIPPED,
                 f"could not canonicalise: {failed[row.name]}",
             )
             modules.pop(row.name, None)
-    LowerToVariants(modules)(gm)
+    if lower:
+        LowerToVariants(modules)(gm)
     removed = dead_code_elimination(gm)
     gm.graph.lint()
     gm.recompile()
@@ -477,7 +579,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (diff / want[finite].abs().max().clamp_min(1e-12)).item()
 
 
-def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:
+def _refusal(match: SiteMatch, cls: type[AttentionVariant], options: dict[str, Any]) -> str | None:
     site = match.site
     if match.canonical_problem:
         return match.canonical_problem
@@ -493,4 +595,4 @@ def _refusal(match: SiteMatch, cls: type[AttentionVariant]) -> str | None:
             "channel attention (softmax over feature channels, tokens contracted) is already "
             "linear in the sequence length; only exact variants are applied to it"
         )
-    return cls.refuse(site)
+    return cls.refuse(site, options)

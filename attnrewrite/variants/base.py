@@ -63,8 +63,9 @@ class AttentionVariant(nn.Module):
 
     # -- deciding -----------------------------------------------------------------------------
     @classmethod
-    def refuse(cls, site: AttentionSite) -> str | None:
-        """Return why this variant cannot keep ``site``'s meaning, or ``None`` if it can."""
+    def refuse(cls, site: AttentionSite, options: dict[str, Any] | None = None) -> str | None:
+        """Return why this variant cannot keep ``site``'s meaning with these ``options`` (as
+        given to ``rewrite``), or ``None`` if it can."""
         if site.causal and not cls.supports_causal:
             return cls.why_not_causal or f"'{cls.name}' is not causal; the site is"
         if site.mask not in cls.mask_classes:
@@ -76,6 +77,69 @@ class AttentionVariant(nn.Module):
         if site.is_cross and not cls.supports_cross:
             return f"'{cls.name}' does not support cross-attention"
         return None
+
+    # -- decoding one token at a time ----------------------------------------------------------
+    #: Names of the tensors of the decode state (empty: the variant cannot decode token by token).
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: Why the variant has no one-token step (said when decoding is refused).
+    why_not_decodable: ClassVar[str] = (
+        "has no one-token step: its output at a position depends on keys it has not seen yet or "
+        "on the whole sequence"
+    )
+
+    def decode_refusal(self) -> str | None:
+        """Why this site cannot be decoded token by token with this variant (``None``: it can).
+
+        Decoding needs a causal self-attention site whose mask is causal, optionally with a
+        key-only term (padding): the new token's row is then the old keys' terms plus its own.
+        """
+        if not self.state_names:
+            return f"'{self.name}' {self.why_not_decodable}"
+        site = self.site
+        if site.mask is MaskClass.GENERAL:
+            return (
+                "its mask is not proven causal with a key-only term (a sliding window, a "
+                "relative-position bias, ...): the new token's mask row cannot be built from "
+                "what decoding stores"
+            )
+        if not site.mask.is_causal:
+            return (
+                f"the site is not causal (mask class '{site.mask}'): every position attends to "
+                "later ones, so outputs change as tokens are added"
+            )
+        if site.is_cross:
+            return "cross-attention: its keys come from another sequence, not from decoding"
+        if site.attends_over != "tokens":
+            return "channel attention mixes every token's features; it has no one-token step"
+        return None
+
+    def prefill(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        scale: float = 1.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The prompt in parallel form: ``forward``'s output and the decode state after it."""
+        raise NotImplementedError(f"'{self.name}' {self.why_not_decodable}")
+
+    def step(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        state: tuple[Tensor, ...],
+        *,
+        mask: Tensor | None = None,
+        scale: float = 1.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One new position per sequence: q, k, v (B, H|Hkv, 1, d), the state from ``prefill``
+        or the previous step, and ``mask`` the new key's own term (the model's mask computed for
+        that one token). Returns the output (B, H, 1, dv) and the new state."""
+        raise NotImplementedError(f"'{self.name}' {self.why_not_decodable}")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -207,6 +271,26 @@ def combine_mask(
     if mask.dtype == torch.bool:
         return mask & keep
     return mask.masked_fill(~keep, float("-inf"))
+
+
+def key_bias(mask: Tensor | None, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The key-only term of a causal(+key) mask as an additive bias (B, 1|H, Nk), for decoding.
+
+    ``mask`` is what a site receives: a key-only term (B|1, H|1, 1, Nk), or a dense mask whose
+    last query row sees every key the causal condition allows (so that row is the key term);
+    booleans become 0 / -inf. ``like`` is the site's key (B, Hkv, Nk, d): without a mask the bias
+    is zeros (B, 1, Nk).
+    """
+    batch, length = like.shape[0], like.shape[-2]
+    if mask is None:
+        return torch.zeros(batch, 1, length, dtype=dtype, device=like.device)
+    row = mask[..., -1, :] if mask.dim() >= 2 else mask
+    while row.dim() < 3:
+        row = row.unsqueeze(0)
+    if row.dtype == torch.bool:
+        zeros = torch.zeros(row.shape, dtype=dtype, device=row.device)
+        row = zeros.masked_fill(~row, float("-inf"))
+    return row.to(dtype).expand(batch, -1, length)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -113,6 +113,72 @@ def prefix_segment(num_rows: int, count: int, device) -> KeySegment:
     return KeySegment(positions, lambda i, j: j < count)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockGather:
+    """Indices that gather query blocks and the key positions each block reads.
+
+    Built by :func:`block_gather`. Gathers by these 2-d indices give (B, H, G, bq|K, ·) directly,
+    query head h reading key/value head h // (H / Hkv): neither a reshape of a symbolic size nor a
+    repeat of grouped heads is involved, since both make ``torch.export`` add guards its solver
+    cannot prove (e.g. "G != 1").
+
+    Attributes:
+        query_index: (G, bq) query rows; padding positions read row 0 (any valid row).
+        key_index: (G, K) key rows; padding positions read row 0.
+        kv_head: (H, 1, 1) the key/value head each query head reads.
+    """
+
+    query_index: Tensor
+    key_index: Tensor
+    kv_head: Tensor
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(B, H, Nq, ·) -> (B, H, G, bq, ·)."""
+        return x[:, :, self.query_index]
+
+    def keys(self, x: Tensor) -> Tensor:
+        """(B, Hkv, Nk, ·) -> (B, H, G, K, ·), query head h reading head h // (H / Hkv)."""
+        return x[:, self.kv_head, self.key_index]
+
+
+def block_gather(
+    query_positions: Tensor,
+    key_positions: Tensor,
+    q_len: int,
+    k_len: int,
+    heads: int,
+    kv_heads: int,
+) -> BlockGather:
+    """The gather of (G, bq) query positions and (G, K) key positions from canonical tensors.
+
+    Args:
+        query_positions: (G, bq) int64; positions >= ``q_len`` are padding.
+        key_positions: (G, K) int64; positions outside [0, ``k_len``) are padding.
+        q_len: Nq (may be symbolic).
+        k_len: Nk (may be symbolic).
+        heads: H, the query heads.
+        kv_heads: Hkv, the key/value heads (H % Hkv == 0).
+
+    Returns:
+        The indices, with padding clamped to row 0: the caller masks padded pairs itself (their
+        scores are computed, then dropped).
+    """
+    query_index = torch.where(
+        query_positions < q_len, query_positions, torch.zeros_like(query_positions)
+    )
+    inside = (key_positions >= 0) & (key_positions < k_len)
+    key_index = torch.where(inside, key_positions, torch.zeros_like(key_positions))
+    device = query_positions.device
+    kv_head = (torch.arange(heads, device=device) // (heads // kv_heads))[:, None, None]
+    return BlockGather(query_index, key_index, kv_head)
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with ±inf and NaN replaced by 0: a row maximum used as a stabiliser, where a row with
+    no allowed key (maximum -inf) must subtract 0 rather than produce NaN."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
 def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
     """Softmax that gives 0, not NaN, on slices whose every entry is -inf (no allowed key)."""
     top = scores.amax(dim=dim, keepdim=True).detach()
@@ -172,7 +238,7 @@ def pattern_attention(
         _, total, weighted = partials[0]
     else:
         top = torch.stack([row_max for row_max, _, _ in partials]).amax(dim=0)
-        top = _finite_or_zero(top)
+        top = finite_or_zero(top)
         total = torch.zeros_like(top)
         weighted = torch.zeros_like(partials[0][2])
         for row_max, row_total, row_weighted in partials:
@@ -182,10 +248,6 @@ def pattern_attention(
             weighted = weighted + row_weighted * factor.unsqueeze(-1)
     out = weighted / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
     return out.to(out_dtype)
-
-
-def _finite_or_zero(x: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def _segment_keep(
@@ -232,17 +294,13 @@ def _group_partials(
     k_pos = torch.cat([segment.positions for segment in group.segments], dim=-1)
 
     # Padding positions read row 0 (any valid row); ``keep`` already excludes them.
-    q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
-    k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
-    # Gathers by 2-D indices give (B, H, G, bq|K, d) directly, query head h reading key/value head
-    # h // (H / Hkv). Neither a reshape of a symbolic size nor a repeat of grouped heads is
-    # involved: both make torch.export add guards its solver cannot prove (e.g. "G != 1").
-    kv_head = (torch.arange(heads, device=q_pos.device) // (heads // kv_heads))[:, None, None]
-    q = query[:, :, q_index]
-    k, v = key[:, kv_head, k_index], value[:, kv_head, k_index]
+    gather = block_gather(q_pos, k_pos, q_len, k_len, heads, kv_heads)
+    q = gather.queries(query)
+    k, v = gather.keys(key), gather.keys(value)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, bq, K)
     if mask is not None:
         key_only = isinstance(mask.shape[-2], int) and mask.shape[-2] == 1
+        q_index, k_index = gather.query_index, gather.key_index
         rows = torch.zeros_like(q_index) if key_only else q_index
         bias = mask[..., rows[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
         if bias.dtype == torch.bool:
@@ -253,7 +311,7 @@ def _group_partials(
 
     # The maximum is a stabiliser only (the result does not depend on it): no gradient through it.
     row_max = scores.amax(dim=-1).detach()
-    weights = torch.exp(scores - _finite_or_zero(row_max).unsqueeze(-1))
+    weights = torch.exp(scores - finite_or_zero(row_max).unsqueeze(-1))
     row_total = weights.sum(dim=-1)
     row_weighted = torch.matmul(weights, v)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from attnrewrite.variants.base import compute_dtype, repeat_kv
-from attnrewrite.variants.blockwise import _finite_or_zero, ceil_div
+from attnrewrite.variants.blockwise import ceil_div, finite_or_zero
 
 
 def sort_by_bucket(buckets: Tensor) -> Tensor:
@@ -167,7 +167,7 @@ def bucketed_attention(
 
     # Per round: softmax statistics per sorted query slot, back in query order via the ranks.
     row_max = scores.amax(dim=-1).detach()
-    weights = torch.exp(scores - _finite_or_zero(row_max).unsqueeze(-1))
+    weights = torch.exp(scores - finite_or_zero(row_max).unsqueeze(-1))
     q_ranks = torch.argsort(query_order, dim=-1)  # (B, H, R, Nq): slot of query i in round r
     stats = [row_max.flatten(-2), weights.sum(dim=-1).flatten(-2)]
     stats = [torch.gather(stat, -1, q_ranks) for stat in stats]
@@ -186,7 +186,7 @@ def bucketed_attention(
         for stat, parts in zip(diagonal, (maxima, totals, values), strict=True):
             parts.append(stat)
 
-    top = _finite_or_zero(torch.stack(maxima).amax(dim=0))
+    top = finite_or_zero(torch.stack(maxima).amax(dim=0))
     total = torch.zeros_like(top)
     out = torch.zeros_like(values[0])
     for row_max_r, total_r, values_r in zip(maxima, totals, values, strict=True):
@@ -246,5 +246,5 @@ def _diagonal_stats(
             score = score + bias.to(score.dtype)
     score = score.masked_fill(~keep, float("-inf"))
     top = score.detach()
-    weight = torch.exp(score - _finite_or_zero(top))  # 1 where attended (with its gradient), else 0
+    weight = torch.exp(score - finite_or_zero(top))  # 1 where attended (with its gradient), else 0
     return top, weight, value_i * weight.unsqueeze(-1)

@@ -32,6 +32,11 @@ class CosFormerAttention(FeatureMapAttention):
     """
 
     name: ClassVar[str] = "cosformer"
+    state_names: ClassVar[tuple[str, ...]] = ()
+    why_not_decodable: ClassVar[str] = (
+        "reweights every position by cos(π·i / 2M) with M the full length, so a prefix's output "
+        "depends on how long the sequence will be (no fixed horizon to decode against)"
+    )
 
     def feature_maps(
         self, query: Tensor, key: Tensor, weights: Tensor | None

@@ -55,4 +55,3 @@ class HedgehogAttention(LearnedMapAttention):
         self, query: Tensor, key: Tensor, weights: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         return self._map(query, self.query_weight), self._map(key, self.key_weight)
-

@@ -35,12 +35,13 @@ from torch import Tensor
 
 from attnrewrite.variants.base import compute_dtype
 from attnrewrite.variants.blockwise import (
-    _finite_or_zero,
     band_segment,
+    block_gather,
     block_queries,
+    finite_or_zero,
     padded_count,
 )
-from attnrewrite.variants.kernel_core import _match_heads, kernel_sums
+from attnrewrite.variants.kernel_core import kernel_sums, match_heads
 
 
 def window_kernel_attention(
@@ -100,11 +101,9 @@ def window_kernel_attention(
         j = k_pos[:, None, :]
     if causal:
         keep = keep & (j <= i)
-    q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
-    k_index = torch.where((k_pos >= 0) & (k_pos < k_len), k_pos, torch.zeros_like(k_pos))
-    kv_head = (torch.arange(heads, device=device) // (heads // kv_heads))[:, None, None]
-    q, fq = query[:, :, q_index], phi_q[:, :, q_index]  # (B, H, G, b, ·)
-    k, v, fk = key[:, kv_head, k_index], value[:, kv_head, k_index], phi_k[:, kv_head, k_index]
+    gather = block_gather(q_pos, k_pos, q_len, k_len, heads, kv_heads)
+    q, fq = gather.queries(query), gather.queries(phi_q)  # (B, H, G, b, ·)
+    k, v, fk = gather.keys(key), gather.keys(value), gather.keys(phi_k)
 
     # Far-part weights per key: the mask's, times the key gain on a stabilised scale (≤ 1), the
     # stabiliser κ moving to the query side.
@@ -114,14 +113,14 @@ def window_kernel_attention(
         gates = torch.exp(key_log_gain.to(acc) - kappa)
         if key_weights is not None:
             if key_weights.shape[1] not in (1, kv_heads):
-                gates = _match_heads(gates, heads)
+                gates = match_heads(gates, heads)
             gates = gates * key_weights.to(acc)
         far_weights = gates
         far_log = far_log + kappa.repeat_interleave(heads // kv_heads, dim=1).to(acc)
 
     def gathered(weights: Tensor) -> Tensor:
         # (B|1, H|1, G, 1, K): the weights of the gathered keys.
-        return _match_heads(weights.to(acc), heads)[:, :, k_index].unsqueeze(-2)
+        return match_heads(weights.to(acc), heads)[:, :, gather.key_index].unsqueeze(-2)
 
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, b, K)
     near_kernel = torch.matmul(fq, fk.transpose(-1, -2))
@@ -134,7 +133,7 @@ def window_kernel_attention(
     # c_i: the largest allowed score of the exact region (not counting w_j, so that both parts
     # scale alike with the weights and a constant added to an additive mask changes nothing).
     # It is a stabiliser: no gradient flows through the choice of it.
-    top = _finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
+    top = finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
     exact = torch.exp(scores - top)
     if key_weights is not None:
         exact = exact * gathered(key_weights)
@@ -146,8 +145,9 @@ def window_kernel_attention(
 
     exact_num, exact_den = to_rows(torch.matmul(exact, v)), to_rows(exact.sum(dim=-1))
     near_num, near_den = to_rows(torch.matmul(near_kernel, v)), to_rows(near_kernel.sum(dim=-1))
-    all_num, all_den = kernel_sums(phi_q, phi_k, value, key_weights=far_weights, causal=causal,
-                                   chunk_size=chunk_size)
+    all_num, all_den = kernel_sums(
+        phi_q, phi_k, value, key_weights=far_weights, causal=causal, chunk_size=chunk_size
+    )
     # The two parts' relative weight, as an exponent, split so that neither factor exceeds 1 (no
     # overflow whichever part dominates).
     far_log = far_log.expand(*all_den.shape)
@@ -158,42 +158,3 @@ def window_kernel_attention(
     num = near_factor.unsqueeze(-1) * exact_num + far_factor.unsqueeze(-1) * (all_num - near_num)
     den = near_factor * exact_den + far_factor * (all_den - near_den).clamp_min(0)
     return num / den.clamp_min(eps).unsqueeze(-1)
-
-
-def dense_window_kernel_reference(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    phi_q: Tensor,
-    phi_k: Tensor,
-    *,
-    window: int,
-    global_tokens: int = 0,
-    query_log_gain: Tensor,
-    key_log_gain: Tensor | None = None,
-    key_weights: Tensor | None = None,
-    causal: bool = False,
-    scale: float = 1.0,
-    eps: float = 1e-6,
-) -> Tensor:
-    """The naive O(N²) definition of :func:`window_kernel_attention`, for tests."""
-    heads = query.shape[1]
-    key, value, phi_k = (x.repeat_interleave(heads // x.shape[1], dim=1)
-                         for x in (key, value, phi_k))
-    i = torch.arange(query.shape[2], device=query.device)[:, None]
-    j = torch.arange(key.shape[2], device=query.device)[None, :]
-    distance = j // window - i // window
-    near = ((distance >= -1) & (distance <= (0 if causal else 1))) | (j < global_tokens)
-    allowed = (j <= i) if causal else torch.ones_like(near)
-    weights = torch.ones(1, 1, 1, key.shape[2], dtype=query.dtype, device=query.device) \
-        if key_weights is None else _match_heads(key_weights, heads).unsqueeze(-2)
-    exact = near & allowed & (weights > 0)
-    scores = ((query @ key.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
-    top = _finite_or_zero(scores.amax(dim=-1, keepdim=True))
-    far = (phi_q @ phi_k.transpose(-1, -2)) * query_log_gain.exp().expand(
-        *query.shape[:3]).unsqueeze(-1)
-    if key_log_gain is not None:
-        far = far * key_log_gain.repeat_interleave(heads // key_log_gain.shape[1], 1).exp() \
-            .unsqueeze(-2)
-    a = torch.where(near, torch.exp(scores - top), far * (~near & allowed)) * weights
-    return (a @ value) / a.sum(-1, keepdim=True).clamp_min(eps)

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from attnrewrite.site import KERNEL_MASK_CLASSES, AttentionSite, MaskClass
 from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
 from attnrewrite.variants.blockwise import (
-    _finite_or_zero,
     band_segment,
+    block_gather,
     block_queries,
+    finite_or_zero,
     padded_count,
     safe_softmax,
 )
@@ -218,10 +219,10 @@ class MemoryCompressedAttention(AttentionVariant):
         earlier = torch.arange(count, device=query.device)[None, :] < query_block[:, None]
         scores = scores.masked_fill(~earlier, float("-inf"))
         far_max = scores.amax(dim=-1).detach()
-        far = torch.exp(scores - _finite_or_zero(far_max).unsqueeze(-1))
+        far = torch.exp(scores - finite_or_zero(far_max).unsqueeze(-1))
         far_total, far_values = far.sum(dim=-1), torch.matmul(far, compressed_value)
         near_max, near_total, near_values = _own_block(query, key, value, mask, stride, scale)
-        top = _finite_or_zero(torch.maximum(far_max, near_max))
+        top = finite_or_zero(torch.maximum(far_max, near_max))
         far_factor, near_factor = torch.exp(far_max - top), torch.exp(near_max - top)
         total = far_total * far_factor + near_total * near_factor
         out = far_values * far_factor.unsqueeze(-1) + near_values * near_factor.unsqueeze(-1)
@@ -253,21 +254,19 @@ def _own_block(
     k_pos = band_segment(q_pos.shape[0], stride, 0, 0, device).positions  # (G, k)
     i, j = q_pos[:, :, None], k_pos[:, None, :]
     keep = (i < q_len) & (j < k_len) & (j <= i)
-    q_index = torch.where(q_pos < q_len, q_pos, torch.zeros_like(q_pos))
-    k_index = torch.where(k_pos < k_len, k_pos, torch.zeros_like(k_pos))
-    kv_head = (torch.arange(heads, device=device) // (heads // key.shape[1]))[:, None, None]
-    q = query[:, :, q_index]
-    k, v = key[:, kv_head, k_index], value[:, kv_head, k_index]
+    gather = block_gather(q_pos, k_pos, q_len, k_len, heads, key.shape[1])
+    q = gather.queries(query)
+    k, v = gather.keys(key), gather.keys(value)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, k, k)
     if mask is not None:
-        bias = mask.squeeze(-2)[:, :, k_index].unsqueeze(-2)  # (B|1, H|1, G, 1, k)
+        bias = mask.squeeze(-2)[:, :, gather.key_index].unsqueeze(-2)  # (B|1, H|1, G, 1, k)
         if bias.dtype == torch.bool:
             keep = keep & bias
         else:
             scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~keep, float("-inf"))
     top = scores.amax(dim=-1).detach()
-    weights = torch.exp(scores - _finite_or_zero(top).unsqueeze(-1))
+    weights = torch.exp(scores - finite_or_zero(top).unsqueeze(-1))
     rows = torch.arange(q_len, device=device)
 
     def to_rows(x: Tensor) -> Tensor:

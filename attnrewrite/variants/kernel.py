@@ -16,8 +16,14 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from attnrewrite.site import AttentionSite
-from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights
-from attnrewrite.variants.kernel_core import DEFAULT_CHUNK, kernel_attention
+from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_bias, key_weights
+from attnrewrite.variants.kernel_core import (
+    DEFAULT_CHUNK,
+    KernelState,
+    kernel_attention,
+    match_heads,
+    step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,18 @@ class FeatureMapAttention(AttentionVariant):
     """
 
     Options: ClassVar[type] = KernelOptions
+    #: Decoding keeps the constant-size sums S = Σ_j w_j φ(k_j) v_jᵀ and z = Σ_j w_j φ(k_j).
+    state_names: ClassVar[tuple[str, ...]] = ("S", "z")
+
+    def decode_refusal(self) -> str | None:
+        if type(self).forward is not FeatureMapAttention.forward and not self._plain_forward():
+            return f"'{self.name}' with these options has no one-token step"
+        return super().decode_refusal()
+
+    def _plain_forward(self) -> bool:
+        """Whether ``forward`` is the shared kernel forward for these options (subclasses that
+        add terms under some options say when they do not)."""
+        return False
 
     def feature_maps(
         self, query: Tensor, key: Tensor, weights: Tensor | None
@@ -79,6 +97,38 @@ class FeatureMapAttention(AttentionVariant):
             chunk_size=self.options.chunk_size,
         )
         return out.to(query.dtype)
+
+    # -- decoding: the recurrent form (Katharopoulos et al. 2020, "Transformers are RNNs") ----
+    def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        out = FeatureMapAttention.forward(
+            self, query, key, value, mask=mask, causal=causal, scale=scale
+        )
+        acc = compute_dtype(query.dtype)
+        root = math.sqrt(scale)
+        phi_q, phi_k = self.feature_maps(
+            query.to(acc) * root, key.to(acc) * root, key_weights(mask, acc)
+        )
+        return out, self._sums(phi_k, value, key_bias(mask, key, acc), query.shape[1])
+
+    def step(self, query, key, value, state, *, mask=None, scale=1.0):
+        acc = compute_dtype(query.dtype)
+        root = math.sqrt(scale)
+        # Feature maps that act on each position alone give the same φ(q_t), φ(k_t) here as in
+        # the parallel form; the weight exp(bias) of the new key is absolute, as in the sums.
+        phi_q, phi_k = self.feature_maps(query.to(acc) * root, key.to(acc) * root, None)
+        weight = key_bias(mask, key, acc).exp()[..., 0]
+        out, state = step(state, phi_q[:, :, 0], phi_k[:, :, 0], value[:, :, 0].to(acc), weight)
+        return out.unsqueeze(2).to(query.dtype), state
+
+    @staticmethod
+    def _sums(phi_k: Tensor, value: Tensor, bias: Tensor, heads: int) -> KernelState:
+        """S (B, Hs, m, dv) and z (B, Hs, m) over the keys, each weighted by exp(bias)."""
+        weights = bias.exp()
+        if weights.shape[1] not in (1, phi_k.shape[1]):
+            phi_k = match_heads(phi_k, heads)  # weights per query head: one state per head
+        phi_k = phi_k * weights.unsqueeze(-1)
+        value = match_heads(value.to(phi_k.dtype), phi_k.shape[1])
+        return phi_k.transpose(-1, -2) @ value, phi_k.sum(dim=-2)
 
 
 @dataclasses.dataclass(frozen=True)

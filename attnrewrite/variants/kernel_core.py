@@ -45,8 +45,12 @@ def _group(x: Tensor, kv_heads: int) -> Tensor:
     return x.reshape(b, kv_heads, h // kv_heads, *x.shape[2:])
 
 
-def _match_heads(x: Tensor, heads: int) -> Tensor:
-    """Repeat a per-head tensor (B, h, ...) along dim 1 to ``heads`` heads (h = 1 broadcasts)."""
+def match_heads(x: Tensor, heads: int) -> Tensor:
+    """Repeat a per-head tensor (B, h, ...) along dim 1 to ``heads`` heads (h = 1 broadcasts).
+
+    Head g of ``x`` serves heads g·r .. g·r + r − 1 with r = heads // h, as grouped key/value
+    heads do; a tensor with 1 or ``heads`` heads is returned as it is.
+    """
     if x.shape[1] in (1, heads):
         return x
     return x.repeat_interleave(heads // x.shape[1], dim=1)
@@ -92,8 +96,15 @@ def kernel_attention(
     Raises:
         ValueError: ``log_decay`` without ``causal`` (a decay needs an order of positions).
     """
-    num, den = kernel_sums(phi_q, phi_k, value, key_weights=key_weights, causal=causal,
-                           chunk_size=chunk_size, log_decay=log_decay)
+    num, den = kernel_sums(
+        phi_q,
+        phi_k,
+        value,
+        key_weights=key_weights,
+        causal=causal,
+        chunk_size=chunk_size,
+        log_decay=log_decay,
+    )
     return num / den.clamp_min(eps).unsqueeze(-1)
 
 
@@ -124,7 +135,7 @@ def kernel_sums(
         num, den = _non_causal(q, phi_k, value)
     else:
         if log_decay is not None:
-            log_decay = _match_heads(log_decay.to(acc), kv_heads)
+            log_decay = match_heads(log_decay.to(acc), kv_heads)
         num, den = _causal_chunked(q, phi_k, value, chunk_size, log_decay)
     return num.flatten(1, 2), den.flatten(1, 2)
 
@@ -299,12 +310,12 @@ def step(
     acc_state, acc_norm = state
     acc = acc_state.dtype
     state_heads = acc_state.shape[1]
-    phi_k_t = _match_heads(phi_k_t.to(acc), state_heads)
-    v_t = _match_heads(v_t.to(acc), state_heads)
+    phi_k_t = match_heads(phi_k_t.to(acc), state_heads)
+    v_t = match_heads(v_t.to(acc), state_heads)
     if key_weight_t is not None:
-        phi_k_t = phi_k_t * _match_heads(key_weight_t.to(acc), state_heads).unsqueeze(-1)
+        phi_k_t = phi_k_t * match_heads(key_weight_t.to(acc), state_heads).unsqueeze(-1)
     if log_decay_t is not None:
-        decay = _match_heads(log_decay_t.to(acc), state_heads).exp().unsqueeze(-1)  # (B|1, 1|Hs, 1)
+        decay = match_heads(log_decay_t.to(acc), state_heads).exp().unsqueeze(-1)  # (B|1, 1|Hs, 1)
         acc_state = acc_state * decay.unsqueeze(-1)
         acc_norm = acc_norm * decay
     acc_state = acc_state + phi_k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
@@ -339,39 +350,3 @@ def random_projection(
     directions = torch.cat(blocks, dim=0)[:num_features]
     norms = torch.randn(num_features, dim, generator=generator).norm(dim=-1, keepdim=True)
     return directions * norms
-
-
-def dense_kernel_reference(
-    phi_q: Tensor,
-    phi_k: Tensor,
-    value: Tensor,
-    *,
-    key_weights: Tensor | None = None,
-    causal: bool = False,
-    eps: float = 1e-6,
-    log_decay: Tensor | None = None,
-) -> Tensor:
-    """The naive O(N²) definition of kernel attention, for tests: A_ij = w_j φ(q_i)·φ(k_j).
-
-    With ``log_decay`` (causal only), A_ij is further multiplied by Π_{j<l<=i} g_l = e^{G_i - G_j},
-    G the cumulative sum of ``log_decay`` along positions.
-    """
-    heads = phi_q.shape[1]
-    phi_k = phi_k.repeat_interleave(heads // phi_k.shape[1], dim=1)
-    value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    a = phi_q @ phi_k.transpose(-1, -2)
-    if key_weights is not None:
-        a = a * _match_heads(key_weights, heads).unsqueeze(-2)
-    if causal:
-        i = torch.arange(a.shape[-2], device=a.device)[:, None]
-        j = torch.arange(a.shape[-1], device=a.device)[None, :]
-        a = a * (j <= i)
-        if log_decay is not None:
-            cum = _match_heads(log_decay, heads).cumsum(dim=-1)
-            # Query i sits at position i; past the last key the decay is 1 (G stays constant).
-            cum_q = cum[..., i[:, 0].clamp(max=a.shape[-1] - 1)]
-            expo = (cum_q.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(j > i, float("-inf"))
-            a = a * expo.exp()
-    elif log_decay is not None:
-        raise ValueError("log_decay needs causal=True")
-    return (a @ value) / a.sum(-1, keepdim=True).clamp_min(eps)

@@ -1,16 +1,13 @@
-"""Linear Transformer attention (Katharopoulos et al. 2020)."""
+"""Linear Transformer attention (Katharopoulos et al. 2020): the kernel core with φ = elu + 1."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnrewrite.variants.base import AttentionVariant, key_weights
-from attnrewrite.variants.kernel_core import DEFAULT_CHUNK, kernel_attention
+from attnrewrite.variants.kernel import FeatureMapAttention
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -18,17 +15,7 @@ def elu_feature_map(x: Tensor) -> Tensor:
     return F.elu(x) + 1.0
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearOptions:
-    chunk_size: int = DEFAULT_CHUNK
-
-    def check(self) -> str | None:
-        if self.chunk_size <= 0:
-            return f"chunk_size must be positive, got {self.chunk_size}"
-        return None
-
-
-class LinearAttention(AttentionVariant):
+class LinearAttention(FeatureMapAttention):
     """Linear Transformer attention: Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs:
     Fast Autoregressive Transformers with Linear Attention", ICML 2020, arXiv:2006.16236.
 
@@ -43,25 +30,8 @@ class LinearAttention(AttentionVariant):
     """
 
     name: ClassVar[str] = "linear"
-    Options: ClassVar[type] = LinearOptions
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        *,
-        mask: Tensor | None = None,
-        causal: bool = False,
-        scale: float = 1.0,
-    ) -> Tensor:
-        root = math.sqrt(scale)
-        out = kernel_attention(
-            elu_feature_map(query * root),
-            elu_feature_map(key * root),
-            value,
-            key_weights=key_weights(mask),
-            causal=causal,
-            chunk_size=self.options.chunk_size,
-        )
-        return out.to(query.dtype)
+    def feature_maps(
+        self, query: Tensor, key: Tensor, weights: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return elu_feature_map(query), elu_feature_map(key)

@@ -115,6 +115,18 @@ class LinformerAttention(AttentionVariant):
     )
     Options: ClassVar[type] = LinformerOptions
 
+    @classmethod
+    def refuse(cls, site: AttentionSite, options: dict[str, Any] | None = None) -> str | None:
+        reason = super().refuse(site, options)
+        known_len = site.key_len if isinstance(site.key_len, int) else None
+        max_len = (options or {}).get("max_len")
+        if reason is None and known_len is not None and max_len and known_len > max_len:
+            return (
+                f"the site's keys have {known_len} positions but max_len={max_len}; "
+                f"pass max_len >= {known_len}"
+            )
+        return reason
+
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         known_len = site.key_len if isinstance(site.key_len, int) else None

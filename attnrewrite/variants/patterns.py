@@ -20,10 +20,11 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnrewrite.site import ALL_MASK_CLASSES, AttentionSite, MaskClass
-from attnrewrite.variants.base import AttentionVariant
+from attnrewrite.variants.base import AttentionVariant, key_bias
 from attnrewrite.variants.blockwise import (
     KeySegment,
     PairPredicate,
@@ -35,6 +36,7 @@ from attnrewrite.variants.blockwise import (
     pattern_attention,
     prefix_segment,
 )
+from attnrewrite.variants.softmax import append_bias, exact_attention
 
 #: Smallest block used for windows narrower than this: tiny blocks waste time on per-block overhead.
 MIN_BLOCK = 16
@@ -140,6 +142,25 @@ class LocalAttention(PatternAttention):
 
     name: ClassVar[str] = "local"
     Options: ClassVar[type] = LocalOptions
+    #: Decoding keeps a window of the last w keys and values (a shift register: constant size).
+    state_names: ClassVar[tuple[str, ...]] = ("keys", "values", "key_bias")
+
+    def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        w = self.options.window
+        # The last w keys; a prompt shorter than the window is padded in front with keys that
+        # weigh nothing (bias -inf).
+        bias = F.pad(key_bias(mask, key), (w, 0), value=float("-inf"))[..., -w:] if w else None
+        keys = F.pad(key, (0, 0, w, 0))[:, :, -w:] if w else key[:, :, :0]
+        values = F.pad(value, (0, 0, w, 0))[:, :, -w:] if w else value[:, :, :0]
+        return out, (keys, values, bias if bias is not None else key_bias(mask, key)[..., :0])
+
+    def step(self, query, key, value, state, *, mask=None, scale=1.0):
+        keys, values, bias = state
+        keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
+        bias = append_bias(bias, key_bias(mask, key))
+        out = exact_attention(query, keys, values, bias.unsqueeze(-2).to(query.dtype), False, scale)
+        return out, (keys[:, :, 1:], values[:, :, 1:], bias[..., 1:])  # the window moves on
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         return (query_pos - key_pos).abs() <= self.options.window
@@ -299,6 +320,71 @@ class LongformerAttention(PatternAttention):
 
     name: ClassVar[str] = "longformer"
     Options: ClassVar[type] = LongformerOptions
+    #: Decoding keeps the g global keys and the last w keys (constant size), and the position.
+    state_names: ClassVar[tuple[str, ...]] = (
+        "global_keys",
+        "global_values",
+        "global_bias",
+        "keys",
+        "values",
+        "key_bias",
+        "position",
+    )
+
+    def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        g, w = self.options.global_tokens, self.options.window
+        length = key.shape[-2]
+        bias = key_bias(mask, key)
+        # The first g keys (a shorter prompt leaves slots that weigh nothing until filled).
+        first = (
+            F.pad(key, (0, 0, 0, g))[:, :, :g],
+            F.pad(value, (0, 0, 0, g))[:, :, :g],
+            F.pad(bias, (0, g), value=float("-inf"))[..., :g],
+        )
+        positions = torch.arange(length, device=key.device)  # the last one is the state's
+        last = (
+            F.pad(key, (0, 0, w, 0))[:, :, key.shape[-2] :],
+            F.pad(value, (0, 0, w, 0))[:, :, key.shape[-2] :],
+            F.pad(bias, (w, 0), value=float("-inf"))[..., length:],
+            positions[-1:].unsqueeze(0),
+        )
+        return out, (*first, *last)
+
+    def step(self, query, key, value, state, *, mask=None, scale=1.0):
+        g_keys, g_values, g_bias, keys, values, bias, position = state
+        g, w = self.options.global_tokens, self.options.window
+        now = position + 1  # (1, 1)
+        new_bias = key_bias(mask, key)
+        # A key at a position < g becomes a global key for every later query.
+        slot = (torch.arange(g, device=key.device) == now[0]).view(1, 1, g)
+        g_keys = torch.where(slot.unsqueeze(-1), key, g_keys)
+        g_values = torch.where(slot.unsqueeze(-1), value, g_values)
+        g_bias = torch.where(slot, new_bias.expand_as(g_bias), g_bias)
+        near_keys, near_values = torch.cat([keys, key], 2), torch.cat([values, value], 2)
+        near_bias = append_bias(bias, new_bias)
+        near_pos = now - w + torch.arange(w + 1, device=key.device).unsqueeze(0)
+        # Keys within w of the new query; the global ones are counted once, among the globals.
+        near_bias = near_bias.masked_fill((near_pos < g).unsqueeze(1), float("-inf"))
+        all_bias = append_bias(g_bias, near_bias)
+        out = exact_attention(
+            query,
+            torch.cat([g_keys, near_keys], 2),
+            torch.cat([g_values, near_values], 2),
+            all_bias.unsqueeze(-2).to(query.dtype),
+            False,
+            scale,
+        )
+        near_bias = append_bias(bias, new_bias)  # unmasked: the mask depends on the query
+        return out, (
+            g_keys,
+            g_values,
+            g_bias,
+            near_keys[:, :, 1:],
+            near_values[:, :, 1:],
+            near_bias[..., 1:],
+            now,
+        )
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         count = self.options.global_tokens
@@ -358,6 +444,10 @@ class BigBirdAttention(PatternAttention):
 
     name: ClassVar[str] = "bigbird"
     Options: ClassVar[type] = BigBirdOptions
+    why_not_decodable: ClassVar[str] = (
+        "has no constant-size step: its random blocks reach any earlier block, so each new "
+        "token needs every past key (use softmax's key/value cache, or local/longformer)"
+    )
 
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)

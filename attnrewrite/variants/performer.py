@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from attnrewrite.site import AttentionSite
-from attnrewrite.variants.base import default_num_features
+from attnrewrite.variants.base import compute_dtype, default_num_features, key_bias, key_weights
 from attnrewrite.variants.kernel import FeatureMapAttention, KernelOptions
-from attnrewrite.variants.kernel_core import random_projection
+from attnrewrite.variants.kernel_core import match_heads, random_projection, step
 
 # Seeds of successive redraws: a large odd step (2^32/φ) keeps the streams of neighbouring seeds
 # and neighbouring draws apart.
@@ -100,6 +100,44 @@ class PerformerAttention(FeatureMapAttention):
         q_shift = q_log.detach().amax(dim=-1, keepdim=True)
         root_m = math.sqrt(self.num_features)
         return (q_log - q_shift).exp() / root_m, (k_log - k_shift).exp() / root_m
+
+    # -- decoding --------------------------------------------------------------------------------
+    # The stabiliser c_r (per-feature key maximum) is part of the state: a new key raises it to
+    # c' = max(c, b(k_t)) and the sums are rescaled by exp(c - c'), which is the same function
+    # (every key feature carries the same shift), so no feature ever exceeds 1.
+    state_names: ClassVar[tuple[str, ...]] = ("S", "z", "key_shift")
+
+    def _logs(self, x: Tensor) -> Tensor:
+        projection = self.projection.to(x.dtype)
+        return x @ projection.T - x.square().sum(-1, keepdim=True) / 2
+
+    def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        acc = compute_dtype(query.dtype)
+        k_log = self._logs(key.to(acc) * math.sqrt(scale))
+        shift = _key_maximum(k_log.detach(), key_weights(mask, acc))  # (B, Hkv, 1, m)
+        phi_k = (k_log - shift).exp() / math.sqrt(self.num_features)
+        sums = self._sums(phi_k, value, key_bias(mask, key, acc), query.shape[1])
+        return out, (*sums, shift.squeeze(2))
+
+    def step(self, query, key, value, state, *, mask=None, scale=1.0):
+        acc_state, acc_norm, shift = state
+        acc = compute_dtype(query.dtype)
+        root = math.sqrt(scale)
+        k_log = self._logs(key.to(acc)[:, :, 0] * root)  # (B, Hkv, m)
+        new_shift = torch.maximum(shift, k_log)
+        rescale = (shift - new_shift).exp()
+        acc_state = acc_state * match_heads(rescale, acc_state.shape[1]).unsqueeze(-1)
+        acc_norm = acc_norm * match_heads(rescale, acc_norm.shape[1])
+        root_m = math.sqrt(self.num_features)
+        phi_k = (k_log - new_shift).exp() / root_m
+        q_log = self._logs(query.to(acc)[:, :, 0] * root) + match_heads(new_shift, query.shape[1])
+        phi_q = (q_log - q_log.amax(dim=-1, keepdim=True)).exp() / root_m
+        weight = key_bias(mask, key, acc).exp()[..., 0]
+        out, (acc_state, acc_norm) = step(
+            (acc_state, acc_norm), phi_q, phi_k, value[:, :, 0].to(acc), weight
+        )
+        return out.unsqueeze(2).to(query.dtype), (acc_state, acc_norm, new_shift)
 
 
 def _key_maximum(k_log: Tensor, weights: Tensor | None) -> Tensor:

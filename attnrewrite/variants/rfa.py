@@ -48,9 +48,9 @@ class RandomFeatureAttention(FeatureMapAttention):
 
     Sign: sin/cos features are not positive, so an estimated kernel value — and, rarely, a whole
     normaliser Σ_j w_j φ(q_i)·φ(k_j) — can be ≤ 0. The core clamps the normaliser to at least 1e-6
-    (the reference ``dense_kernel_reference`` does the same): a non-positive normaliser means the
-    estimate failed for that row; the clamp keeps it finite instead of dividing by ~0 or flipping
-    its sign. With m features the normaliser's relative error is O(1/√(m·N)), so this is rare.
+    (the tests' dense reference does the same): a non-positive normaliser means the estimate
+    failed for that row; the clamp keeps it finite instead of dividing by ~0 or flipping its sign.
+    With m features the normaliser's relative error is O(1/√(m·N)), so this is rare.
 
     Gate (``gate=True``, causal sites only): RFA-Gate's learned recency,
     S_t = g_t S_{t−1} + (1 − g_t) φ(k_t) v_tᵀ (and z alike), g_t = sigmoid(w_h·k_t + b_h) per
@@ -116,6 +116,9 @@ class RandomFeatureAttention(FeatureMapAttention):
         logit = logit + self.gate_bias.to(key.dtype)[:, None]
         # logsigmoid(-x) = log(1 - g), computed without cancellation.
         return F.logsigmoid(logit), torch.sigmoid(-logit)
+
+    def _plain_forward(self) -> bool:
+        return not self.options.gate
 
     def forward(
         self,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnrewrite.site import ALL_MASK_CLASSES, MaskClass
-from attnrewrite.variants.base import AttentionVariant, combine_mask, repeat_kv
+from attnrewrite.variants.base import AttentionVariant, combine_mask, key_bias, repeat_kv
 
 
 class SoftmaxAttention(AttentionVariant):
@@ -24,6 +25,8 @@ class SoftmaxAttention(AttentionVariant):
     name: ClassVar[str] = "softmax"
     mask_classes: ClassVar[frozenset[MaskClass]] = ALL_MASK_CLASSES
     exact: ClassVar[bool] = True
+    #: Decoding keeps a key/value cache: every key and value so far and each key's mask term.
+    state_names: ClassVar[tuple[str, ...]] = ("keys", "values", "key_bias")
 
     def forward(
         self,
@@ -37,6 +40,25 @@ class SoftmaxAttention(AttentionVariant):
     ) -> Tensor:
         dropout_p = self.site.dropout_p if self.training else 0.0
         return exact_attention(query, key, value, mask, causal, scale, dropout_p)
+
+    def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        return out, (key, value, key_bias(mask, key))
+
+    def step(self, query, key, value, state, *, mask=None, scale=1.0):
+        keys, values, bias = state
+        keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
+        bias = append_bias(bias, key_bias(mask, key))
+        out = exact_attention(query, keys, values, bias.unsqueeze(-2).to(query.dtype), False, scale)
+        return out, (keys, values, bias)
+
+
+def append_bias(past: Tensor, new: Tensor) -> Tensor:
+    """Concatenate key biases (B, 1|H, N) along keys, broadcasting their head axes."""
+    heads = max(past.shape[1], new.shape[1])
+    past = past.expand(-1, heads, -1) if past.shape[1] != heads else past
+    new = new.expand(-1, heads, -1) if new.shape[1] != heads else new
+    return torch.cat([past, new.to(past.dtype)], dim=-1)
 
 
 def exact_attention(

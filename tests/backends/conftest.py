@@ -60,15 +60,18 @@ class Case:
 
 def _zoo_case(name: str) -> Case:
     zoo = {z.name: z for z in ZOO}[name]
-    return Case(name, lambda: zoo.build("sdpa"),
-                lambda batch, length, seed: ((), zoo.inputs(batch, length, seed)),
-                lambda out: out.last_hidden_state)
+    return Case(
+        name,
+        lambda: zoo.build("sdpa"),
+        lambda batch, length, seed: ((), zoo.inputs(batch, length, seed)),
+        lambda out: out.last_hidden_state,
+    )
 
 
 def _einsum_inputs(batch: int, length: int, seed: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     keep = torch.ones(batch, length, dtype=torch.bool)
-    keep[-1, length // 2:] = False  # real padding on the last example
+    keep[-1, length // 2 :] = False  # real padding on the last example
     return (torch.randn(batch, length, 32, generator=g), keep), {}
 
 
@@ -89,8 +92,9 @@ CASES = {
 COMPILE_FAILURES: dict[str, str] = {}
 
 
-def variant_params(fast: tuple[str, ...] = (), known_failures: dict[str, str] | None = None
-                   ) -> list[Any]:
+def variant_params(
+    fast: tuple[str, ...] = (), known_failures: dict[str, str] | None = None
+) -> list[Any]:
     """Every registered variant as a pytest param; slow unless in ``fast``; skipped, with the
     import error as the reason, when its module does not import (variants are added in parallel);
     expected to fail (not strictly: a site the variant refuses passes) when in ``known_failures``.
@@ -156,9 +160,9 @@ def rewritten(built: Callable[[str], nn.Module]) -> Callable[[str, str], Any]:
         if (case, variant) not in cache:
             args, kwargs = CASES[case].inputs(*EXAMPLE, 0)
             options = VARIANT_OPTIONS.get(variant, {})
-            cache[(case, variant)] = ar.rewrite(built(case), variant, args=args, kwargs=kwargs,
-                                                **options)
+            cache[(case, variant)] = ar.rewrite(
+                built(case), variant, args=args, kwargs=kwargs, **options
+            )
         return cache[(case, variant)]
 
     return get
-

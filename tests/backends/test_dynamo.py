@@ -50,7 +50,7 @@ class TwoBlocksWithABreak(nn.Module):
 def _inputs(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     keep = torch.ones(batch, length, dtype=torch.bool)
-    keep[0, length - 5:] = False
+    keep[0, length - 5 :] = False
     return torch.randn(batch, length, 32, generator=g), keep
 
 

@@ -66,7 +66,8 @@ def test_original_model_compiles_too(built) -> None:
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 @pytest.mark.parametrize(
-    "variant", variant_params(fast=("softmax", "linear"), known_failures=COMPILE_FAILURES))
+    "variant", variant_params(fast=("softmax", "linear"), known_failures=COMPILE_FAILURES)
+)
 def test_full_graph_and_one_graph_for_every_length(variant: str, case: str, rewritten) -> None:
     rw = rewritten(case, variant)
     counter = CompileCounterWithBackend("eager")

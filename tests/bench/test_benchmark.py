@@ -49,8 +49,16 @@ def tiny() -> tuple[nn.Module, tuple[torch.Tensor]]:
 @pytest.fixture(scope="module")
 def eager_result() -> BenchmarkResult:
     model, args = tiny()
-    return ar.benchmark(model, ["softmax", "linear", "no_such_variant"], args=args,
-                        seq_lens=LENGTHS, repeats=3, memory=False, progress=False, num_threads=1)
+    return ar.benchmark(
+        model,
+        ["softmax", "linear", "no_such_variant"],
+        args=args,
+        seq_lens=LENGTHS,
+        repeats=3,
+        memory=False,
+        progress=False,
+        num_threads=1,
+    )
 
 
 def _row(result, variant, length, backend="eager"):
@@ -108,9 +116,25 @@ def test_json_round_trip(eager_result, tmp_path):
     data = json.loads(path.read_text())
     assert set(data) == {"meta", "rows", "crossovers"}
     assert data["meta"]["lengths"] == LENGTHS and data["meta"]["threads"] == 1
-    fields = {"backend", "variant", "length", "median_ms", "q1_ms", "q3_ms", "speedup", "flops",
-              "gflops_per_s", "flop_bound_speedup", "flop_bound_fraction", "peak_mb",
-              "memory_ratio", "max_rel_error", "cosine", "setup_s", "status"}
+    fields = {
+        "backend",
+        "variant",
+        "length",
+        "median_ms",
+        "q1_ms",
+        "q3_ms",
+        "speedup",
+        "flops",
+        "gflops_per_s",
+        "flop_bound_speedup",
+        "flop_bound_fraction",
+        "peak_mb",
+        "memory_ratio",
+        "max_rel_error",
+        "cosine",
+        "setup_s",
+        "status",
+    }
     assert all(fields <= set(row) for row in data["rows"])
     again = BenchmarkResult.from_json(path)
     assert again.rows == eager_result.rows
@@ -125,15 +149,27 @@ def test_markdown_and_plot(eager_result, tmp_path):
 
 def test_crossover_for_every_variant(eager_result):
     assert {(c.backend, c.variant) for c in eager_result.crossovers} == {
-        ("eager", "softmax"), ("eager", "linear"), ("eager", "no_such_variant")}
+        ("eager", "softmax"),
+        ("eager", "linear"),
+        ("eager", "no_such_variant"),
+    }
     broken = next(c for c in eager_result.crossovers if c.variant == "no_such_variant")
     assert broken.length is None and broken.how == "no data"
 
 
 def test_memory_is_measured_in_worker_processes():
     model, args = tiny()
-    result = ar.benchmark(model, "linear", args=args, seq_lens=[512], repeats=1, progress=False,
-                          memory=True, memory_jobs=2, num_threads=1)
+    result = ar.benchmark(
+        model,
+        "linear",
+        args=args,
+        seq_lens=[512],
+        repeats=1,
+        progress=False,
+        memory=True,
+        memory_jobs=2,
+        num_threads=1,
+    )
     for variant in ("original", "linear"):
         row = _row(result, variant, 512)
         assert row.memory_status == "ok", row.memory_status
@@ -143,8 +179,17 @@ def test_memory_is_measured_in_worker_processes():
 
 def test_onnxruntime_backend_runs_or_says_why():
     model, args = tiny()
-    result = ar.benchmark(model, "softmax", args=args, seq_lens=[64], repeats=1, progress=False,
-                          memory=False, backends=("onnxruntime",), num_threads=1)
+    result = ar.benchmark(
+        model,
+        "softmax",
+        args=args,
+        seq_lens=[64],
+        repeats=1,
+        progress=False,
+        memory=False,
+        backends=("onnxruntime",),
+        num_threads=1,
+    )
     for row in result.rows:
         assert row.ok or row.status.startswith("unavailable: "), row.status
         if row.ok:
@@ -159,19 +204,31 @@ def test_make_inputs_is_called_with_batch_and_length():
         calls.append((batch, length))
         return (torch.randint(0, 256, (batch, length)),), {}
 
-    result = ar.benchmark(model, {"lin": {"variant": "linear"}}, args=args, seq_lens=[48],
-                          batch=3, make_inputs=make_inputs, repeats=1, memory=False,
-                          progress=False, num_threads=1)
+    result = ar.benchmark(
+        model,
+        {"lin": {"variant": "linear"}},
+        args=args,
+        seq_lens=[48],
+        batch=3,
+        make_inputs=make_inputs,
+        repeats=1,
+        memory=False,
+        progress=False,
+        num_threads=1,
+    )
     assert calls == [(3, 48)]
     assert _row(result, "lin", 48).batch == 3 and _row(result, "lin", 48).variant_name == "linear"
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (dict(backends=("tpu",)), "unknown backend 'tpu'"),
-    (dict(variants={"original": {}}), "'original' is the label"),
-    (dict(repeats=0), "repeats must be >= 1"),
-    (dict(args=(torch.randn(2, 3, 4, 4),), seq_lens=[8]), "make_inputs=f"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (dict(backends=("tpu",)), "unknown backend 'tpu'"),
+        (dict(variants={"original": {}}), "'original' is the label"),
+        (dict(repeats=0), "repeats must be >= 1"),
+        (dict(args=(torch.randn(2, 3, 4, 4),), seq_lens=[8]), "make_inputs=f"),
+    ],
+)
 def test_bad_arguments_say_what_to_do(call, message):
     model, args = tiny()
     options = {"variants": "linear", "args": args, "memory": False, "progress": False, **call}
@@ -181,10 +238,13 @@ def test_bad_arguments_say_what_to_do(call, message):
 
 # -- units ----------------------------------------------------------------------------------------
 
+
 def test_default_inputs_resize_tokens_masks_and_positions():
-    kwargs = {"input_ids": torch.randint(5, 50, (2, 16)),
-              "attention_mask": torch.tensor([[1] * 16, [1] * 12 + [0] * 4]),
-              "position_ids": torch.arange(16).expand(2, 16)}
+    kwargs = {
+        "input_ids": torch.randint(5, 50, (2, 16)),
+        "attention_mask": torch.tensor([[1] * 16, [1] * 12 + [0] * 4]),
+        "position_ids": torch.arange(16).expand(2, 16),
+    }
     assert example_length((), kwargs) == 16
     _, new = resize_inputs((), kwargs, batch=3, length=40)
     assert new["input_ids"].shape == (3, 40)
@@ -193,13 +253,19 @@ def test_default_inputs_resize_tokens_masks_and_positions():
     assert torch.equal(new["position_ids"][1], torch.arange(40))
 
 
-@pytest.mark.parametrize(("speedups", "expected", "how"), [
-    ([0.5, 0.8, 2.0], math.exp(math.log(512) + (-math.log(0.8)) * math.log(2) / math.log(2.5)),
-     "interpolated"),
-    ([1.5, 2.0, 3.0], 256, "at or below"),
-    ([0.5, 0.6, 0.9], None, "not reached"),
-    ([None, None, None], None, "no data"),
-])
+@pytest.mark.parametrize(
+    ("speedups", "expected", "how"),
+    [
+        (
+            [0.5, 0.8, 2.0],
+            math.exp(math.log(512) + (-math.log(0.8)) * math.log(2) / math.log(2.5)),
+            "interpolated",
+        ),
+        ([1.5, 2.0, 3.0], 256, "at or below"),
+        ([0.5, 0.6, 0.9], None, "not reached"),
+        ([None, None, None], None, "no data"),
+    ],
+)
 def test_crossover_interpolates_log_log(speedups, expected, how):
     length, got = metrics.crossover([256, 512, 1024], speedups)
     assert got == how

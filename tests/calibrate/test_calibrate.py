@@ -14,6 +14,12 @@ from torch import Tensor, nn
 
 import attnrewrite as ar
 from attnrewrite.calibrate.calibrate import calibrate
+from attnrewrite.calibrate.losses import (
+    attention_kl,
+    check_attn_kl,
+    implied_log_weights,
+    site_output,
+)
 from attnrewrite.calibrate.mode import teacher_forcing
 from attnrewrite.errors import (
     CalibrationDivergedError,
@@ -21,6 +27,7 @@ from attnrewrite.errors import (
     CalibrationInputError,
 )
 from attnrewrite.variants.base import repeat_kv
+from attnrewrite.variants.linear import LinearAttention
 from tests.zoo.hf_models import ZOO
 
 BERT = next(z for z in ZOO if z.name == "bert")
@@ -41,18 +48,52 @@ class LearnedTemperature(ar.AttentionVariant):
         super().__init__(site, seed=seed, **options)
         self.log_temperature = nn.Parameter(torch.full((site.num_heads, 1, 1), math.log(0.5)))
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, mask: Tensor | None = None,
-                causal: bool = False, scale: float = 1.0) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        scale: float = 1.0,
+    ) -> Tensor:
         heads = query.shape[1]
         scores = query @ repeat_kv(key, heads).transpose(-1, -2) * scale
         scores = scores * self.log_temperature.exp()
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            scores = (
+                scores.masked_fill(~mask, float("-inf"))
+                if mask.dtype == torch.bool
                 else scores + mask
+            )
         return torch.softmax(scores, dim=-1) @ repeat_kv(value, heads)
 
 
 ar.register_variant(LearnedTemperature)
+
+
+class GainedLinear(LinearAttention):
+    """Test variant: ``linear`` with φ(x) = elu(e^g · x) + 1 and a trainable gain g.
+
+    At g = 0 it is ``linear`` exactly; raising g sharpens the weights φ(q)·φ(k) imply, as
+    ``attn_kl`` against a peaked softmax asks.
+    """
+
+    name: ClassVar[str] = "_test_gained_linear"
+
+    def __init__(self, site: ar.AttentionSite, *, seed: int | None = None, **options: Any) -> None:
+        super().__init__(site, seed=seed, **options)
+        self.log_gain = nn.Parameter(torch.zeros(()))
+
+    def feature_maps(
+        self, query: Tensor, key: Tensor, weights: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        gain = self.log_gain.exp()
+        return super().feature_maps(query * gain, key * gain, weights)
+
+
+ar.register_variant(GainedLinear)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,13 +132,19 @@ def rewritten(model: nn.Module, variant: Any, **options: Any) -> ar.RewrittenMod
 
 
 def variant_state(rw: ar.RewrittenModel) -> dict[str, Tensor]:
-    return {f"{site}.{name}": value.clone() for site, module in rw.variant_modules.items()
-            for name, value in module.state_dict().items()}
+    return {
+        f"{site}.{name}": value.clone()
+        for site, module in rw.variant_modules.items()
+        for name, value in module.state_dict().items()
+    }
 
 
 def frozen_state(rw: ar.RewrittenModel) -> dict[str, Tensor]:
-    return {name: value.clone() for name, value in rw.graph_module.state_dict().items()
-            if not name.startswith("attnrewrite_variants.")}
+    return {
+        name: value.clone()
+        for name, value in rw.graph_module.state_dict().items()
+        if not name.startswith("attnrewrite_variants.")
+    }
 
 
 # -- numerical -------------------------------------------------------------------------------------
@@ -121,6 +168,39 @@ def test_every_site_error_falls(peaked_bert, variant, loss, options) -> None:
     for row in result.rows:
         assert row.variant == variant and row.steps == 40 and row.seconds > 0
         assert row.error_after < 0.8 * row.error_before, row
+
+
+def test_attn_kl_reads_the_weights_linear_computes_with(peaked_bert) -> None:
+    """``linear`` is a kernel variant: ``attn_kl`` accepts it, and the weights the loss compares
+    with softmax's are the ones its output is made of."""
+    rw = rewritten(peaked_bert, "linear")
+    calls: dict[str, list] = {}
+    with (
+        torch.no_grad(),
+        teacher_forcing(
+            rw.variant_modules, lambda name, call: calls.setdefault(name, []).append(call)
+        ),
+    ):
+        rw(**BERT.inputs(batch=2, length=10))
+    assert list(calls) == list(rw.variant_modules)
+    for name, module in rw.variant_modules.items():
+        check_attn_kl(module, name, "linear")
+        (call,) = calls[name]
+        loss = attention_kl(module, call)
+        assert torch.isfinite(loss) and loss > 0
+        weights = implied_log_weights(module, call).exp()
+        values = repeat_kv(call.value.float(), weights.shape[1])
+        assert torch.allclose(weights @ values, site_output(module, call), atol=1e-5)
+
+
+def test_linear_family_calibrates_with_attn_kl(peaked_bert) -> None:
+    rw = rewritten(peaked_bert, "_test_gained_linear")
+    result = calibrate(rw, batches(1), steps=8, loss="attn_kl", progress=False)
+    assert [r.site for r in result.rows] == list(rw.variant_modules)
+    for row in result.rows:
+        assert row.variant == "_test_gained_linear" and row.steps == 8
+        assert row.error_after < row.error_before, row
+    assert all(m.log_gain.item() > 0 for m in rw.variant_modules.values())
 
 
 def test_learned_temperature_converges_to_softmax(peaked_bert) -> None:
@@ -192,8 +272,13 @@ def test_end_to_end_and_table(peaked_bert) -> None:
     assert e2e is not None and e2e.steps == 10
     assert math.isfinite(e2e.error_before) and e2e.error_after <= e2e.error_before
     text, markdown = str(result), result.to_markdown()
-    for needle in ("error before", "error after", "relative MSE", "end-to-end",
-                   "encoder.layer.1.attention.self"):
+    for needle in (
+        "error before",
+        "error after",
+        "relative MSE",
+        "end-to-end",
+        "encoder.layer.1.attention.self",
+    ):
         assert needle in text and needle in markdown
 
 
@@ -274,14 +359,16 @@ def test_nan_parameter_stops_with_site_and_step(peaked_bert) -> None:
     with torch.no_grad():
         rw.variant_modules["encoder.layer.1.attention.self"].bias[0, 0] = float("nan")
     state = variant_state(rw)
-    with pytest.raises(CalibrationDivergedError, match=r"encoder\.layer\.1\.attention\.self.*"
-                                                       r"step 1") as caught:
+    with pytest.raises(
+        CalibrationDivergedError,
+        match=r"encoder\.layer\.1\.attention\.self.*"
+        r"step 1",
+    ) as caught:
         calibrate(rw, batches(), steps=5, progress=False)
     assert caught.value.site == "encoder.layer.1.attention.self" and caught.value.step == 1
     assert caught.value.result is not None and len(caught.value.result.rows) == 2
     restored = variant_state(rw)
-    assert all(torch.equal(state[k], restored[k]) or bool(state[k].isnan().any())
-               for k in state)
+    assert all(torch.equal(state[k], restored[k]) or bool(state[k].isnan().any()) for k in state)
     assert all("forward" not in m.__dict__ for m in rw.variant_modules.values())
 
 
@@ -307,31 +394,43 @@ class Bad:
 
 
 BAD = {
-    "variant-without-parameters": Bad("linear", batches(1), {}, CalibrationError,
-                                      "no rewritten site has trainable parameters"),
-    "no-rewritten-site": Bad({"nothing.*": "t2r"}, batches(1), {}, CalibrationError,
-                             "no rewritten attention site"),
-    "single-pair-not-in-a-list": Bad("t2r", batches(1)[0], {}, CalibrationInputError,
-                                     "wrap a single pair in a list"),
-    "tensor-instead-of-pairs": Bad("t2r", [torch.zeros(2, 3)], {}, CalibrationInputError,
-                                   r"not an \(args, kwargs\) pair"),
-    "dict-instead-of-pairs": Bad("t2r", BERT.inputs(), {}, CalibrationInputError,
-                                 "iterable of"),
+    "variant-without-parameters": Bad(
+        "linear", batches(1), {}, CalibrationError, "no rewritten site has trainable parameters"
+    ),
+    "no-rewritten-site": Bad(
+        {"nothing.*": "t2r"}, batches(1), {}, CalibrationError, "no rewritten attention site"
+    ),
+    "single-pair-not-in-a-list": Bad(
+        "t2r", batches(1)[0], {}, CalibrationInputError, "wrap a single pair in a list"
+    ),
+    "tensor-instead-of-pairs": Bad(
+        "t2r", [torch.zeros(2, 3)], {}, CalibrationInputError, r"not an \(args, kwargs\) pair"
+    ),
+    "dict-instead-of-pairs": Bad("t2r", BERT.inputs(), {}, CalibrationInputError, "iterable of"),
     "empty-inputs": Bad("t2r", [], {}, CalibrationInputError, "inputs is empty"),
-    "attn_kl-without-kernel": Bad("linformer", batches(1), {"loss": "attn_kl"}, CalibrationError,
-                                  "needs a kernel variant"),
-    "unknown-loss": Bad("t2r", batches(1), {"loss": "l1"}, CalibrationInputError,
-                        "unknown calibration loss"),
-    "zero-steps-and-no-end-to-end": Bad("t2r", batches(1), {"steps": 0}, CalibrationInputError,
-                                        "nothing would be trained"),
-    "negative-steps": Bad("t2r", batches(1), {"steps": -1}, CalibrationInputError,
-                          "non-negative int"),
+    "attn_kl-without-kernel": Bad(
+        "linformer", batches(1), {"loss": "attn_kl"}, CalibrationError, "needs a kernel variant"
+    ),
+    "unknown-loss": Bad(
+        "t2r", batches(1), {"loss": "l1"}, CalibrationInputError, "unknown calibration loss"
+    ),
+    "zero-steps-and-no-end-to-end": Bad(
+        "t2r", batches(1), {"steps": 0}, CalibrationInputError, "nothing would be trained"
+    ),
+    "negative-steps": Bad(
+        "t2r", batches(1), {"steps": -1}, CalibrationInputError, "non-negative int"
+    ),
     "zero-epochs": Bad("t2r", batches(1), {"epochs": 0}, CalibrationInputError, "positive int"),
-    "layers-match-nothing": Bad("t2r", batches(1), {"layers": "decoder.*"}, CalibrationError,
-                                "matches no rewritten site"),
+    "layers-match-nothing": Bad(
+        "t2r", batches(1), {"layers": "decoder.*"}, CalibrationError, "matches no rewritten site"
+    ),
     "layers-name-parameterless-site": Bad(
-        {"encoder.layer.0.*": "linear", "*": "t2r"}, batches(1),
-        {"layers": "encoder.layer.0*"}, CalibrationError, "no trainable parameters"),
+        {"encoder.layer.0.*": "linear", "*": "t2r"},
+        batches(1),
+        {"layers": "encoder.layer.0*"},
+        CalibrationError,
+        "no trainable parameters",
+    ),
 }
 
 
@@ -366,8 +465,9 @@ def test_minilm_calibration_raises_mean_cosine() -> None:
 
     encoder, tokenizer = example.load_encoder()
     text = example.stdlib_text(tokenizer)
-    calibration = example.batches(tokenizer, example._spread(text["calibration"]["sentences"], 64),
-                                  16)
+    calibration = example.batches(
+        tokenizer, example._spread(text["calibration"]["sentences"], 64), 16
+    )
     held_out = example.batches(tokenizer, example._spread(text["held_out"]["sentences"], 64), 64)
     reference = example.embed(encoder, held_out)
     rw = ar.rewrite(encoder, "hedgehog", kwargs=calibration[0])

@@ -42,13 +42,18 @@ MAX_LEN = 32  # size of the registered causal buffers; every generated length st
 #: keeps the fuzz files under 90 s on 2 cores, derandomised so CI sees the same examples every run.
 RELEASE = os.environ.get("HYPOTHESIS_PROFILE", "") == "release"
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("fuzz-ci", deadline=None, derandomize=True, database=None,
-                          suppress_health_check=_HEALTH, print_blob=True,
-                          # Shrinking re-exports a model per step (~1 s each): CI reports the
-                          # example as generated; the release run shrinks.
-                          phases=(Phase.explicit, Phase.generate))
-settings.register_profile("release", deadline=None, suppress_health_check=_HEALTH,
-                          print_blob=True)
+settings.register_profile(
+    "fuzz-ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+    # Shrinking re-exports a model per step (~1 s each): CI reports the
+    # example as generated; the release run shrinks.
+    phases=(Phase.explicit, Phase.generate),
+)
+settings.register_profile("release", deadline=None, suppress_health_check=_HEALTH, print_blob=True)
 
 
 def fuzz_settings(ci_examples: int, release_examples: int) -> settings:
@@ -58,6 +63,7 @@ def fuzz_settings(ci_examples: int, release_examples: int) -> settings:
 
 
 # -- tally -----------------------------------------------------------------------------------------
+
 
 class Tally:
     """Counts of generated modules per outcome, printed when a fuzz module finishes.
@@ -148,20 +154,27 @@ class Spelling:
     q_len: int = 5
 
     def __repr__(self) -> str:
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != f.default or f.name in ("kind", "product")]
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default or f.name in ("kind", "product")
+        ]
         return f"Spelling({', '.join(changed)})"
 
     # -- what the finder must report ---------------------------------------------------------
     @property
     def expected_mask(self) -> str:
         key, causal = self.key_mask != "none", self.causal != "none"
-        return {(False, False): "none", (True, False): "key", (False, True): "causal",
-                (True, True): "causal+key"}[(key, causal)]
+        return {
+            (False, False): "none",
+            (True, False): "key",
+            (False, True): "causal",
+            (True, True): "causal+key",
+        }[(key, causal)]
 
     @property
     def expected_scale(self) -> float:
-        return self.head_dim ** -0.5 if self.scale_at == "sdpa_default" else self.scale
+        return self.head_dim**-0.5 if self.scale_at == "sdpa_default" else self.scale
 
     @property
     def folded(self) -> bool:
@@ -225,8 +238,9 @@ class GeneratedAttention(nn.Module):
         if sp.causal == "tril_buffer":
             dtype = torch.bool if sp.buffer_dtype == "bool" else torch.float32
             tril = torch.tril(torch.ones(MAX_LEN, MAX_LEN, dtype=dtype))
-            self.register_buffer("causal_buffer", tril.view(1, 1, MAX_LEN, MAX_LEN)
-                                 if sp.buffer_4d else tril)
+            self.register_buffer(
+                "causal_buffer", tril.view(1, 1, MAX_LEN, MAX_LEN) if sp.buffer_4d else tril
+            )
         if sp.scale_const == "buffer":
             self.register_buffer("scale_buffer", torch.tensor(self._constant_value()))
         if sp.softmax_fn == "module":
@@ -311,7 +325,7 @@ class GeneratedAttention(nn.Module):
             return t.repeat_interleave(rep, dim=axis)
         if sp.gqa == "expand_reshape":
             shape = list(t.shape)
-            grown = t.unsqueeze(axis + 1).expand(*shape[: axis + 1], rep, *shape[axis + 1:])
+            grown = t.unsqueeze(axis + 1).expand(*shape[: axis + 1], rep, *shape[axis + 1 :])
             shape[axis] = shape[axis] * rep
             return grown.reshape(shape)
         return t  # none, broadcast (one kv head), enable_gqa (sdpa repeats)
@@ -345,8 +359,9 @@ class GeneratedAttention(nn.Module):
         if sp.gqa == "enable_gqa":
             kwargs["enable_gqa"] = True
         p = sp.dropout_p if self.training and sp.dropout != "none" else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                             is_causal=sp.causal == "is_causal", **kwargs)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=sp.causal == "is_causal", **kwargs
+        )
         return out
 
     # -- manual ------------------------------------------------------------------------------------
@@ -416,14 +431,21 @@ class GeneratedAttention(nn.Module):
     def _einsum_values(self, probs: Tensor, v: Tensor) -> Tensor:
         sp, L = self.spelling, self._einsum_letters()
         p_sub = L["b"] + L["h"] + L["q"] + L["k"]
-        v_sub = (L["b"] + L["h"] + L["k"] + L["e"] if sp.layout == "bhnd"
-                 else L["b"] + L["k"] + L["h"] + L["e"])
-        out = (L["b"] + L["h"] + L["q"] + L["e"] if sp.einsum_out == "heads_first"
-               else L["b"] + L["q"] + L["h"] + L["e"])
+        v_sub = (
+            L["b"] + L["h"] + L["k"] + L["e"]
+            if sp.layout == "bhnd"
+            else L["b"] + L["k"] + L["h"] + L["e"]
+        )
+        out = (
+            L["b"] + L["h"] + L["q"] + L["e"]
+            if sp.einsum_out == "heads_first"
+            else L["b"] + L["q"] + L["h"] + L["e"]
+        )
         return torch.einsum(f"{p_sub},{v_sub}->{out}", probs, v)
 
-    def _baddbmm(self, q3: Tensor, k3: Tensor, key_input: Tensor | None, b: Any, n_q: Any,
-                 n_k: Any) -> Tensor:
+    def _baddbmm(
+        self, q3: Tensor, k3: Tensor, key_input: Tensor | None, b: Any, n_q: Any, n_k: Any
+    ) -> Tensor:
         sp = self.spelling
         alpha = sp.scale if sp.scale_at == "alpha" else 1.0
         if sp.baddbmm_input == "key_bias":
@@ -486,8 +508,11 @@ class GeneratedAttention(nn.Module):
         fill = sp.fill_value(s.dtype)
         if sp.combine:
             keep = fold(self._causal_keep(n_q, n_k) & key_input[:, None, None, :])
-            s = (s.masked_fill(~keep, fill) if sp.key_mask == "fill"
-                 else torch.where(keep, s, self._where_fill(s.dtype)))
+            s = (
+                s.masked_fill(~keep, fill)
+                if sp.key_mask == "fill"
+                else torch.where(keep, s, self._where_fill(s.dtype))
+            )
         else:
             s = self._key_term(s, key_input, fold)
             s = self._causal_term(s, n_q, n_k, fill)
@@ -507,8 +532,11 @@ class GeneratedAttention(nn.Module):
     def _causal_term(self, s: Tensor, n_q: Any, n_k: Any, fill: float) -> Tensor:
         sp, form = self.spelling, self.spelling.causal_form
         if sp.causal == "tril_buffer":
-            tri = self.causal_buffer[:, :, :n_q, :n_k] if sp.buffer_4d else \
-                self.causal_buffer[:n_q, :n_k]
+            tri = (
+                self.causal_buffer[:, :, :n_q, :n_k]
+                if sp.buffer_4d
+                else self.causal_buffer[:n_q, :n_k]
+            )
             if form == "eq0":  # GPT-2 / minGPT
                 return s.masked_fill(tri == 0, fill)
             if form == "where":
@@ -517,8 +545,9 @@ class GeneratedAttention(nn.Module):
         if sp.causal == "triu":
             if form == "additive":  # nn.Transformer.generate_square_subsequent_mask
                 return s + torch.triu(torch.full((n_q, n_k), fill), diagonal=1)
-            return s.masked_fill(torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), diagonal=1),
-                                 fill)
+            return s.masked_fill(
+                torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), diagonal=1), fill
+            )
         if sp.causal == "arange":
             i = torch.arange(n_q).unsqueeze(-1)
             j = torch.arange(n_k).unsqueeze(0)
@@ -585,7 +614,7 @@ def spellings(draw: st.DrawFn, kinds: tuple[str, ...] = ("manual", "sdpa")) -> S
     cross = draw(st.booleans())
     q_len = draw(st.integers(4, 9))
     kv_delta = draw(st.sampled_from([0, 3, -2, 5])) if cross else 0
-    scale = draw(st.sampled_from([head_dim ** -0.5, 0.3, 1.0, 0.125]))
+    scale = draw(st.sampled_from([head_dim**-0.5, 0.3, 1.0, 0.125]))
     scale_op = draw(st.sampled_from(["mul", "div"]))
     scale_const = draw(st.sampled_from(["python", "tensor", "buffer", "sqrt_tensor"]))
     key_mask = draw(st.sampled_from(["none", "additive_pad", "fill", "where", "additive_bias"]))
@@ -609,8 +638,9 @@ def spellings(draw: st.DrawFn, kinds: tuple[str, ...] = ("manual", "sdpa")) -> S
     else:
         product = draw(st.sampled_from(["at", "matmul", "einsum", "bmm", "baddbmm"]))
         causal = draw(st.sampled_from(["none", "tril_buffer", "triu", "arange"]))
-        scale_places = ["scores", "q", "k", "split", "k_t"] + (["alpha"] if product == "baddbmm"
-                                                               else [])
+        scale_places = ["scores", "q", "k", "split", "k_t"] + (
+            ["alpha"] if product == "baddbmm" else []
+        )
         scale_at = draw(st.sampled_from(scale_places))
         gqa_forms = ["repeat_interleave", "expand_reshape"]
         if kv_heads == 1 and product in ("at", "matmul", "einsum"):
@@ -618,20 +648,25 @@ def spellings(draw: st.DrawFn, kinds: tuple[str, ...] = ("manual", "sdpa")) -> S
         gqa = draw(st.sampled_from(gqa_forms)) if kv_heads != heads else "none"
         layout = draw(st.sampled_from(["bhnd", "bnhd"])) if product == "einsum" else "bhnd"
         k_forms = ["t_neg", "t_neg2", "t_pos", "mT", "permute"]
-        fields["k_form"] = draw(st.sampled_from(["none", *k_forms] if product == "einsum"
-                                                else k_forms))
+        fields["k_form"] = draw(
+            st.sampled_from(["none", *k_forms] if product == "einsum" else k_forms)
+        )
         if product in ("at", "matmul"):
             fields["value_product"] = draw(st.sampled_from(["at", "matmul"]))
         if product == "einsum":
-            fields["letters"] = "".join(draw(st.permutations(_LETTERS))[:6]) if draw(
-                st.booleans()) else "bhqkde"
+            fields["letters"] = (
+                "".join(draw(st.permutations(_LETTERS))[:6]) if draw(st.booleans()) else "bhqkde"
+            )
             fields["einsum_out"] = draw(st.sampled_from(["heads_first", "seq_first"]))
         if product in ("bmm", "baddbmm"):
             fields["mask_fold"] = draw(st.sampled_from(["unfold", "fold"]))
         if product == "baddbmm":
             inputs = ["zeros_beta0", "zeros_beta1"]
-            if (key_mask in ("additive_pad", "additive_bias") and fields["mask_fold"] == "fold"
-                    and scale_at != "scores"):
+            if (
+                key_mask in ("additive_pad", "additive_bias")
+                and fields["mask_fold"] == "fold"
+                and scale_at != "scores"
+            ):
                 inputs.append("key_bias")
             fields["baddbmm_input"] = draw(st.sampled_from(inputs))
         if key_mask in ("fill", "where") and causal != "none":
@@ -639,8 +674,9 @@ def spellings(draw: st.DrawFn, kinds: tuple[str, ...] = ("manual", "sdpa")) -> S
         fields["upcast"] = draw(st.sampled_from(["none", "to_float64", "double", "softmax_dtype"]))
         fields["softmax_fn"] = draw(st.sampled_from(["torch", "functional", "method", "module"]))
         fields["softmax_dim"] = draw(st.sampled_from(["neg", "pos"]))
-        fields["max_subtract"] = draw(st.sampled_from(["none", "amax", "amax_detach",
-                                                       "max_values"]))
+        fields["max_subtract"] = draw(
+            st.sampled_from(["none", "amax", "amax_detach", "max_values"])
+        )
         if scale_at == "alpha":  # baddbmm's alpha is a Python number
             scale_const, scale_op = "python", "mul"
 
@@ -661,17 +697,34 @@ def spellings(draw: st.DrawFn, kinds: tuple[str, ...] = ("manual", "sdpa")) -> S
     fields["dropout"] = draw(st.sampled_from(["none", "functional", "module"]))
     if fields["dropout"] != "none":
         fields["dropout_p"] = draw(st.sampled_from([0.1, 0.5]))
-    return Spelling(kind=kind, product=product, layout=layout, scale=scale, scale_at=scale_at,
-                    scale_op=scale_op, scale_const=scale_const, key_mask=key_mask, causal=causal,
-                    heads=heads, kv_heads=kv_heads, gqa=gqa, head_dim=head_dim,
-                    value_dim=value_dim, cross=cross, kv_delta=kv_delta, q_len=q_len, **fields)
+    return Spelling(
+        kind=kind,
+        product=product,
+        layout=layout,
+        scale=scale,
+        scale_at=scale_at,
+        scale_op=scale_op,
+        scale_const=scale_const,
+        key_mask=key_mask,
+        causal=causal,
+        heads=heads,
+        kv_heads=kv_heads,
+        gqa=gqa,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        cross=cross,
+        kv_delta=kv_delta,
+        q_len=q_len,
+        **fields,
+    )
 
 
 # -- references ------------------------------------------------------------------------------------
 
 
-def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
-                               weights: Tensor | None, causal: bool) -> Tensor:
+def linear_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, weights: Tensor | None, causal: bool
+) -> Tensor:
     """Dense linear attention (Katharopoulos et al. 2020) in float64, of its own definition:
 
     out_i = Σ_j w_j φ(q_i√s)·φ(k_j√s) v_j / Σ_j w_j φ(q_i√s)·φ(k_j√s), φ = elu + 1, j <= i when
@@ -771,7 +824,7 @@ class LookAlikeModule(nn.Module):
             return torch.matmul(a, b)
         if form == "einsum":
             lead = "wxyz"[: max(a.dim(), b.dim()) - 2]
-            la, lb = lead[len(lead) - (a.dim() - 2):], lead[len(lead) - (b.dim() - 2):]
+            la, lb = lead[len(lead) - (a.dim() - 2) :], lead[len(lead) - (b.dim() - 2) :]
             return torch.einsum(f"{la}ij,{lb}jk->{lead}ik", a, b)
         return a @ b
 
@@ -849,8 +902,9 @@ class LookAlikeModule(nn.Module):
 
 
 @st.composite
-def look_alikes(draw: st.DrawFn, kinds: tuple[str, ...] = NOT_ATTENTION + UNUSUAL_ATTENTION
-                ) -> LookAlike:
+def look_alikes(
+    draw: st.DrawFn, kinds: tuple[str, ...] = NOT_ATTENTION + UNUSUAL_ATTENTION
+) -> LookAlike:
     kind = draw(st.sampled_from(kinds))
     return LookAlike(
         kind=kind,

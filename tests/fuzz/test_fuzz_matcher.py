@@ -108,8 +108,9 @@ def check_linear_rewrite(sp: Spelling, at_other_shape: bool = True) -> None:
     args = _other_inputs(sp, rw)[0] if at_other_shape else captured
     with torch.no_grad():
         q, k, v = model.project(*args)
-        attended = linear_attention_reference(q, k, v, scale=sp.expected_scale,
-                                              weights=sp.key_weights(args), causal=sp.is_causal)
+        attended = linear_attention_reference(
+            q, k, v, scale=sp.expected_scale, weights=sp.key_weights(args), causal=sp.is_causal
+        )
         ref = model.merge(attended.float())
         out = rw(*args)
     err = relative_error(out, ref)
@@ -120,14 +121,44 @@ def check_linear_rewrite(sp: Spelling, at_other_shape: bool = True) -> None:
 
 #: Spellings pinned as explicit examples: hard cases that pass, so a regression shows at once.
 PINNED = [
-    Spelling(product="einsum", layout="bnhd", letters="xYzwuv", k_form="mT", einsum_out="seq_first",
-             key_mask="where", causal="arange", causal_form="where", combine=True, heads=4,
-             kv_heads=2, gqa="repeat_interleave", cross=True, kv_delta=3),
-    Spelling(product="baddbmm", mask_fold="fold", baddbmm_input="key_bias", scale_at="alpha",
-             key_mask="additive_bias", causal="tril_buffer", causal_form="eq0",
-             upcast="softmax_dtype"),
-    Spelling(kind="sdpa", product="sdpa", scale_at="sdpa_arg", scale=0.3, key_mask="fill",
-             causal="tril_buffer", buffer_4d=True, heads=4, kv_heads=1, gqa="enable_gqa"),
+    Spelling(
+        product="einsum",
+        layout="bnhd",
+        letters="xYzwuv",
+        k_form="mT",
+        einsum_out="seq_first",
+        key_mask="where",
+        causal="arange",
+        causal_form="where",
+        combine=True,
+        heads=4,
+        kv_heads=2,
+        gqa="repeat_interleave",
+        cross=True,
+        kv_delta=3,
+    ),
+    Spelling(
+        product="baddbmm",
+        mask_fold="fold",
+        baddbmm_input="key_bias",
+        scale_at="alpha",
+        key_mask="additive_bias",
+        causal="tril_buffer",
+        causal_form="eq0",
+        upcast="softmax_dtype",
+    ),
+    Spelling(
+        kind="sdpa",
+        product="sdpa",
+        scale_at="sdpa_arg",
+        scale=0.3,
+        key_mask="fill",
+        causal="tril_buffer",
+        buffer_4d=True,
+        heads=4,
+        kv_heads=1,
+        gqa="enable_gqa",
+    ),
 ]
 
 
@@ -191,20 +222,27 @@ FACT_REGRESSIONS = {
     "bmm_scale_on_q_before_fold": Spelling(product="bmm", scale_at="q"),
     # Mistral's reference `repeat_kv` repeats on axis 2 of (B, N, H, d): not stripped
     # (num_kv_heads 2, not 1) ...
-    "gqa_repeat_on_axis_2_of_bnhd": Spelling(product="einsum", layout="bnhd", kv_heads=1,
-                                             gqa="repeat_interleave"),
+    "gqa_repeat_on_axis_2_of_bnhd": Spelling(
+        product="einsum", layout="bnhd", kv_heads=1, gqa="repeat_interleave"
+    ),
     # ... and a scale applied to k before that repeat is missed (site.scale 1.0, not 0.5).
-    "scale_on_k_before_bnhd_repeat": Spelling(product="einsum", layout="bnhd", scale_at="k",
-                                              kv_heads=1, gqa="repeat_interleave"),
+    "scale_on_k_before_bnhd_repeat": Spelling(
+        product="einsum", layout="bnhd", scale_at="k", kv_heads=1, gqa="repeat_interleave"
+    ),
     # A grouped-KV repeat before the fold is kept (num_kv_heads 4; a documented limitation that
     # leaves the rewrite exact); the scale and mask facts must still hold.
-    "bmm_gqa_repeat_before_fold": Spelling(product="bmm", heads=4, kv_heads=2,
-                                           gqa="repeat_interleave"),
+    "bmm_gqa_repeat_before_fold": Spelling(
+        product="bmm", heads=4, kv_heads=2, gqa="repeat_interleave"
+    ),
     # sdpa with one float mask: a key bias whose non-causal positions are filled with -inf.
     # Classified 'general' (not 'causal+key'), so kernel variants skip it.
-    "sdpa_key_bias_filled_causally": Spelling(kind="sdpa", product="sdpa",
-                                              scale_at="sdpa_default", key_mask="additive_bias",
-                                              causal="arange"),
+    "sdpa_key_bias_filled_causally": Spelling(
+        kind="sdpa",
+        product="sdpa",
+        scale_at="sdpa_default",
+        key_mask="additive_bias",
+        causal="arange",
+    ),
 }
 LINEAR_REGRESSIONS = {
     # The missed scale above reaches the kernel variants as scale=1 with q or k pre-scaled:

@@ -841,3 +841,42 @@ CASES += [
     ),
 ]
 # -- end of the shifted-window block --------------------------------------------------------------
+
+
+# -- Key-major scores (issue 13 item 4: a finder spelling added as one rule entry) ----------------
+# Scores laid out (…, key, query), k·qᵀ, and normalised over the keys with softmax(dim=-2): the
+# second ``SCORE_LAYOUTS`` entry of find_attention.py. The value product contracts axis −2.
+
+
+def key_major(self, q, k, v):
+    p = (k @ q.transpose(-2, -1) * S).softmax(dim=-2)  # (B, H, Nk, Nq), over the keys
+    return p.transpose(-2, -1) @ v
+
+
+def key_major_einsum(self, q, k, v):
+    p = torch.einsum("bhkd,bhqd->bhkq", k, q).mul(S).softmax(dim=-2)
+    return torch.einsum("bhkq,bhkd->bhqd", p, v)
+
+
+def key_major_causal(self, q, k, v):
+    # Key j after query i is masked: in (key, query) order that is tril(-1), not triu(1). Found
+    # with its class, but masks are canonicalised in (query, key) order only: left as it is.
+    n = q.shape[-2]
+    later = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
+    p = (k @ q.transpose(-2, -1) * S).masked_fill(later, float("-inf")).softmax(dim=-2)
+    return p.transpose(-2, -1) @ v
+
+
+CASES += [
+    Case("key_major_scores", manual(key_major), _x, 1, ("none",), scale=S),
+    Case("key_major_einsum", manual(key_major_einsum), _x, 1, ("none",), scale=S),
+    Case(
+        "key_major_causal",
+        manual(key_major_causal),
+        _x,
+        1,
+        ("causal",),
+        scale=S,
+        refused="key-major scores",
+    ),
+]

@@ -139,7 +139,10 @@ def test_emitted_factories_name_the_device() -> None:
 
     zm = next(z for z in ZOO if z.name == "llama")
     rw = ar.rewrite(zm.build("eager"), "linear", kwargs=zm.inputs())
-    created = [n for n in rw.graph_module.graph.nodes
-               if G.op_name(n) in ("arange", "scalar_tensor") and "nn_module_stack" not in n.meta]
+    created = [
+        n
+        for n in rw.graph_module.graph.nodes
+        if G.op_name(n) in ("arange", "scalar_tensor") and "nn_module_stack" not in n.meta
+    ]
     assert created, "the causal+key rewrite builds its key row from positions"
     assert all(n.kwargs.get("device") == torch.device("cpu") for n in created)

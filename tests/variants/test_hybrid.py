@@ -16,30 +16,36 @@ def _fixed_seed() -> None:
 
 
 def _inputs(heads=4, kv_heads=2, length=19, dim=8):
-    return (torch.randn(2, heads, length, dim), torch.randn(2, kv_heads, length, dim),
-            torch.randn(2, kv_heads, length, dim))
+    return (
+        torch.randn(2, heads, length, dim),
+        torch.randn(2, kv_heads, length, dim),
+        torch.randn(2, kv_heads, length, dim),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", ["t2r", "hedgehog"])
 def test_window_wider_than_the_sequence_is_softmax(name, causal, site_factory) -> None:
     q, k, v = _inputs()
-    variant = get_variant(name)(site_factory(num_heads=4, num_kv_heads=2, head_dim=8),
-                                window=19)
+    variant = get_variant(name)(site_factory(num_heads=4, num_kv_heads=2, head_dim=8), window=19)
     mask = torch.ones(2, 1, 1, 19, dtype=torch.bool)
     mask[1, ..., 12:] = False
     out = variant(q, k, v, mask=mask, causal=causal, scale=0.3)
     ref = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        q,
+        k.repeat_interleave(2, 1),
+        v.repeat_interleave(2, 1),
         attn_mask=mask & torch.ones(19, 19, dtype=torch.bool).tril() if causal else mask,
-        scale=0.3)
+        scale=0.3,
+    )
     assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_far_keys_matter_and_the_gain_weighs_them(site_factory) -> None:
     q, k, v = _inputs(length=40)
-    variant = get_variant("hedgehog")(site_factory(num_heads=4, num_kv_heads=2, head_dim=8),
-                                      window=4)
+    variant = get_variant("hedgehog")(
+        site_factory(num_heads=4, num_kv_heads=2, head_dim=8), window=4
+    )
     with torch.no_grad():
         variant.log_gain.fill_(-30.0)
     nearly_local = variant(q, k, v, scale=0.3)
@@ -48,7 +54,8 @@ def test_far_keys_matter_and_the_gain_weighs_them(site_factory) -> None:
     j = torch.arange(40)[None, :] // 4
     band = (j - i).abs() <= 1
     local = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=band, scale=0.3)
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=band, scale=0.3
+    )
     assert torch.allclose(nearly_local, local, atol=1e-5)
     with torch.no_grad():
         variant.log_gain.zero_()
@@ -57,8 +64,9 @@ def test_far_keys_matter_and_the_gain_weighs_them(site_factory) -> None:
 
 def test_additive_mask_shift_changes_nothing_and_the_gain_trains(site_factory) -> None:
     q, k, v = _inputs(length=30)
-    variant = get_variant("t2r")(site_factory(num_heads=4, num_kv_heads=2, head_dim=8),
-                                 window=4, global_tokens=1)
+    variant = get_variant("t2r")(
+        site_factory(num_heads=4, num_kv_heads=2, head_dim=8), window=4, global_tokens=1
+    )
     bias = torch.randn(2, 1, 1, 30)
     out = variant(q, k, v, mask=bias, scale=0.3)
     assert torch.allclose(out, variant(q, k, v, mask=bias + 5.0, scale=0.3), atol=1e-5)
@@ -74,13 +82,18 @@ def test_bert_with_the_hybrid_exports_to_onnx_without_an_n_by_n_value(tmp_path) 
     import attnrewrite as ar
     from attnrewrite.backends.onnx import sequence_shapes
 
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
     model = transformers.BertModel._from_config(config, attn_implementation="eager").eval()
 
     def inputs(batch: int, length: int, padded: int) -> dict:
         mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, length - padded:] = 0
+        mask[0, length - padded :] = 0
         return {"input_ids": torch.randint(0, 100, (batch, length)), "attention_mask": mask}
 
     rw = ar.rewrite(model, "hedgehog", kwargs=inputs(2, 40, 9), window=8, global_tokens=1)

@@ -9,7 +9,7 @@ from torch import nn
 
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.variants import get_variant
-from attnrewrite.variants.kernel_core import dense_kernel_reference
+from tests.variants.references import dense_kernel_reference
 
 Kernel = get_variant("kernel")
 

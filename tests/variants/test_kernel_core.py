@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from attnrewrite.variants.kernel_core import (
-    dense_kernel_reference,
     init_state,
     kernel_attention,
     random_projection,
     step,
 )
+from tests.variants.references import dense_kernel_reference
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,9 @@ from torch.export import Dim
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.variants import get_variant
 from attnrewrite.variants.base import AttentionVariant
-from attnrewrite.variants.hybrid import dense_window_kernel_reference
 from attnrewrite.variants.kernel import FeatureMapAttention
-from attnrewrite.variants.kernel_core import dense_kernel_reference, init_state, step
+from attnrewrite.variants.kernel_core import init_state, step
+from tests.variants.references import dense_kernel_reference, dense_window_kernel_reference
 
 HEAD_DIM = 16
 CHUNK = 16
@@ -85,6 +85,10 @@ def _ref_t2r(variant, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return phi(q, _per_query_head(w, heads), _per_query_head(b, heads)), phi(k, w, b)
 
 
+def _ref_linear(variant, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    return F.elu(q) + 1, F.elu(k) + 1
+
+
 def _ref_hedgehog(variant, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     def phi(x: Tensor, w: Tensor) -> Tensor:
         z = torch.einsum("bhnd,hmd->bhnm", x, w.detach().double())
@@ -132,6 +136,7 @@ class Variant:
 
 
 VARIANTS = {
+    "linear": Variant("linear", dict, _ref_linear),
     "kernel": Variant("kernel", lambda: {"feature_map": SoftplusFeatures()}, _ref_kernel),
     "performer": Variant("performer", dict, _ref_performer),
     "rfa": Variant("rfa", lambda: {"learn_sigma": True}, _ref_rfa, perturb=True),
@@ -143,7 +148,10 @@ VARIANTS = {
         "t2r", lambda: {"window": 8, "global_tokens": 2}, _ref_t2r, perturb=True, window=True
     ),
     "hedgehog_window": Variant(
-        "hedgehog", lambda: {"window": 5, "feature_dim": 12}, _ref_hedgehog, perturb=True,
+        "hedgehog",
+        lambda: {"window": 5, "feature_dim": 12},
+        _ref_hedgehog,
+        perturb=True,
         window=True,
     ),
 }
@@ -173,12 +181,18 @@ def _reference(row: Variant, variant, q, k, v, weights, causal, scale) -> Tensor
     if row.window:
         # q and k already carry √scale each.
         return dense_window_kernel_reference(
-            q, k, v, phi_q, phi_k, window=variant.options.window,
+            q,
+            k,
+            v,
+            phi_q,
+            phi_k,
+            window=variant.options.window,
             global_tokens=variant.options.global_tokens,
             query_log_gain=variant.log_gain.detach().double()[:, None]
             + torch.einsum("bhnd,hd->bhn", q, variant.query_gate.detach().double()),
             key_log_gain=torch.einsum("bhnd,hd->bhn", k, variant.key_gate.detach().double()),
-            key_weights=weights, causal=causal,
+            key_weights=weights,
+            causal=causal,
         )
     return dense_kernel_reference(phi_q, phi_k, v, key_weights=weights, causal=causal)
 
@@ -266,9 +280,14 @@ def test_matches_dense_reference_of_its_kernel(vname: str, sname: str, site_fact
         # difference loses digits when the window holds most of the kernel mass. In float64 the
         # same code meets the tight bound, so the definition itself is exact.
         assert _relative_error(out, ref) <= 1e-4
-        out = variant.double()(q.double(), k.double(), v.double(),
-                               mask=mask if mask is None or mask.dtype == torch.bool
-                               else mask.double(), causal=sc.causal, scale=scale)
+        out = variant.double()(
+            q.double(),
+            k.double(),
+            v.double(),
+            mask=mask if mask is None or mask.dtype == torch.bool else mask.double(),
+            causal=sc.causal,
+            scale=scale,
+        )
     assert _relative_error(out, ref) <= 1e-5
 
 
@@ -389,6 +408,7 @@ def test_bad_options_raise_variant_option_error(vname: str, options: dict, site_
 @pytest.mark.parametrize(
     ("vname", "arxiv"),
     [
+        ("linear", "2006.16236"),
         ("kernel", "1908.11775"),
         ("performer", "2009.14794"),
         ("rfa", "2103.02143"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.export import Dim
 
 from attnrewrite.errors import VariantOptionError
@@ -141,3 +142,24 @@ def test_exports_with_dynamic_length():
     )
     other = (*inputs(23, 23, seed=1), key_mask("bool", 23))
     torch.testing.assert_close(program.module()(*other), module(*other))
+
+
+def test_refuse_sees_the_options_and_the_rewrite_skips_the_site():
+    """A site longer than ``max_len`` is refused with a reason (not an exception from the
+    constructor), so the rest of the model is still rewritten."""
+    import attnrewrite as ar
+
+    site = make_site(num_heads=HEADS, num_kv_heads=KV_HEADS, key_len=40)
+    assert "max_len >= 40" in LinformerAttention.refuse(site, {"max_len": 16})
+    assert LinformerAttention.refuse(site, {"max_len": 64}) is None
+
+    class Attend(nn.Module):
+        def forward(self, q, k, v):
+            return (q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v
+
+    q = torch.randn(2, 2, 12, 8)
+    static = torch.export.export(Attend(), (q, q, q))  # the key length is known: 12
+    rw = ar.rewrite(static, "linformer", args=(q, q, q), max_len=8)
+    (row,) = rw.report.sites
+    assert row.status == "skipped" and "max_len >= 12" in row.reason
+    torch.testing.assert_close(rw(q, q, q), Attend()(q, q, q))

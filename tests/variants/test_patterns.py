@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.site import ALL_MASK_CLASSES
 from attnrewrite.variants import get_variant
-from attnrewrite.variants.blockwise import ceil_div, safe_softmax
+from attnrewrite.variants.blockwise import block_gather, ceil_div, safe_softmax
 from tests.variants.conftest import make_site
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -183,6 +183,22 @@ def test_pattern_half_precision_keeps_dtype(case):
     ref = dense_reference(query, key, value, case.dense_pattern(variant, n, n, True), None, 0.3)
     assert out.dtype == torch.bfloat16
     assert relative_error(out.float(), ref) <= 2e-2
+
+
+def test_block_gather_reads_rows_and_grouped_heads():
+    """The shared gather (pattern core, LoLCATs hybrid, memory-compressed): padding reads row 0,
+    query head h reads key/value head h // (H / Hkv)."""
+    q_pos = torch.tensor([[0, 1, 2], [3, 4, 5]])  # Nq = 5: position 5 is padding
+    k_pos = torch.tensor([[-1, 0, 1], [2, 3, 6]])  # Nk = 4: -1 and 6 are padding
+    gather = block_gather(q_pos, k_pos, 5, 4, heads=4, kv_heads=2)
+    assert gather.query_index.tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert gather.key_index.tolist() == [[0, 0, 1], [2, 3, 0]]
+    query = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 4, 5, 1)
+    key = torch.arange(2.0).view(1, 2, 1, 1) * 10 + torch.arange(4.0).view(1, 1, 4, 1)
+    assert gather.queries(query).shape == (1, 4, 2, 3, 1)
+    keys = gather.keys(key)  # (1, H, G, K, 1): head h reads head h // 2, then the key rows
+    assert keys.shape == (1, 4, 2, 3, 1)
+    assert keys[0, :, 1, :, 0].tolist() == [[2, 3, 0], [2, 3, 0], [12, 13, 10], [12, 13, 10]]
 
 
 def test_bigbird_random_blocks_are_seeded_and_deterministic():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.variants import get_variant
-from attnrewrite.variants.kernel_core import dense_kernel_reference, init_state, step
+from attnrewrite.variants.kernel_core import init_state, step
+from tests.variants.references import dense_kernel_reference
 
 RFA = get_variant("rfa")
 

@@ -334,20 +334,17 @@ def shrink_config(config: Any) -> Any:
 #: MoE, ALiBi, GQA, sliding windows, soft-capping), encoder-decoders, vision and audio models.
 CI_SAMPLE = (
     # encoders
-    "bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
-    "roformer", "convbert", "mobilebert", "modernbert",
-    # decoders
-    "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe",
-    "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "falcon", "bloom", "opt",
-    "starcoder2", "gpt_bigcode",
-    # encoder-decoders
-    "t5", "bart", "mbart", "pegasus", "marian", "blenderbot-small", "mt5", "longt5", "led",
-    "m2m_100",
+    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "mpnet", "convbert",
+    "modernbert",
+    # decoders (tests/decode also generates with llama, gpt2, qwen2, gemma, phi, opt, bloom,
+    # falcon and gpt_neox in every default run)
+    "gpt_neo", "gptj", "mistral", "mixtral", "gpt_bigcode",
+    # encoder-decoders (t5 and bart also in tests/zoo/test_hf_zoo.py)
+    "bart", "whisper",
     # vision and image-text
-    "vit", "deit", "beit", "dinov2", "yolos", "segformer", "dpt", "mobilevit", "ijepa",
-    "videomae", "clip_vision_model", "siglip_vision_model", "clip", "owlvit",
+    "vit", "deit", "beit", "dinov2", "yolos", "ijepa", "videomae", "clip", "owlvit",
     # audio
-    "whisper", "wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "speech_to_text",
+    "wav2vec2", "hubert",
 )  # fmt: skip
 
 

@@ -8,6 +8,9 @@
   graph grow quadratically with the sequence length.
 - :mod:`~attnrewrite.backends.onnx.session`: :func:`onnx_session`, an ONNX Runtime session with
   torch tensors in and out; a loaded file never imports or constructs a class it names.
+- :mod:`~attnrewrite.backends.onnx.decode`: generation: ``export_onnx(rw, dir, decode=True)``
+  writes prefill and step graphs with the decode state as explicit inputs and outputs, and
+  ``onnx_session(dir).generate(...)`` runs the decoding loop over them.
 
 onnx, onnxscript and onnxruntime are imported inside the functions that use them, so importing
 this package needs only torch.
@@ -15,6 +18,7 @@ this package needs only torch.
 
 from __future__ import annotations
 
+from attnrewrite.backends.onnx.decode import DecodeExport, DecodeSignature, OnnxDecodeSession
 from attnrewrite.backends.onnx.export import (
     STANDARD_DOMAINS,
     OnnxExport,
@@ -37,6 +41,9 @@ from attnrewrite.backends.onnx.signature import (
 
 __all__ = [
     "METADATA_KEY",
+    "DecodeExport",
+    "DecodeSignature",
+    "OnnxDecodeSession",
     "REPORT_KEY",
     "STANDARD_DOMAINS",
     "IOSignature",

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,8 +46,12 @@ from attnrewrite.backends.onnx.signature import (
     _key_name,
 )
 from attnrewrite.errors import OnnxExportError
+from attnrewrite.ops import DECOMPOSITIONS, is_attention
 from attnrewrite.rewriter.capture import check_inputs
 from attnrewrite.rewriter.rewrite import RewrittenModel
+
+if TYPE_CHECKING:
+    from attnrewrite.backends.onnx.decode import DecodeExport
 
 #: ONNX domains of the standard operator set.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
@@ -230,7 +234,8 @@ def export_onnx(
     *,
     optimize_original: bool = False,
     dynamic: bool = True,
-) -> OnnxExport:
+    decode: bool = False,
+) -> OnnxExport | DecodeExport:
     """Export a rewritten or original model to ONNX with standard operators.
 
     Args:
@@ -245,16 +250,30 @@ def export_onnx(
             ONNX Runtime only. Meant for the original model; on a rewritten one it fuses the parts
             that were not rewritten the same way, which keeps a comparison fair.
         dynamic: keep the batch and sequence axes (0 and 1 of each input) dynamic.
+        decode: export a rewritten causal decoder for generation instead: ``path`` is a
+            directory that receives ``prefill.onnx``, ``step.onnx`` (the decode state as explicit
+            inputs and outputs) and ``decode.json``; run it with
+            ``onnx_session(path).generate(...)`` (see :mod:`attnrewrite.backends.onnx.decode`).
 
     Returns:
-        An :class:`OnnxExport` record (path, input and output names, dynamic axes, fusions).
+        An :class:`OnnxExport` record (path, input and output names, dynamic axes, fusions), or
+        with ``decode`` a :class:`~attnrewrite.backends.onnx.decode.DecodeExport`.
 
     Raises:
         OnnxExportError: ``torch.export`` or the ONNX translation failed, or an operator outside
-            the standard domains was produced.
+            the standard domains was produced; with ``decode``, the model cannot decode
+            (its :class:`~attnrewrite.errors.DecodeError` is raised as is).
     """
-    import onnx
+    if decode:
+        from attnrewrite.backends.onnx.decode import export_decode
 
+        if args is not None or kwargs is not None or optimize_original or not dynamic:
+            raise OnnxExportError(
+                "decode=True exports the prefill and step graphs from the rewritten model's "
+                "captured example, with dynamic batch and length; leave out args, kwargs, "
+                "optimize_original and dynamic"
+            )
+        return export_decode(model, path, opset=opset)
     args, kwargs = _default_inputs(model, args, kwargs)
     if isinstance(model, RewrittenModel):
         # Keyword arguments capture fixed (use_cache=False) are filled in by the target, not
@@ -286,37 +305,18 @@ def export_onnx(
         structure_repr, tuple(records), _describe_output(out_spec, iter(out_records))
     )
 
-    try:
-        program = torch.export.export(
-            flat, tensors, dynamic_shapes=_dynamic_shapes(leaves, dynamic), strict=False
-        )
-    except Exception as exc:
-        raise OnnxExportError(
-            f"torch.export could not capture {type(target).__name__} for ONNX: "
-            f"{type(exc).__name__}: {str(exc)[:800]}\nExport with dynamic=False, or check that "
-            "the model runs under torch.export.export(model, args, kwargs, strict=False)."
-        ) from exc
-    try:
-        with _quiet_exporter():
-            onnx_program = torch.onnx.export(
-                program,
-                tensors,
-                dynamo=True,
-                input_names=signature.input_names,
-                output_names=output_names,
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        raise OnnxExportError(
-            f"the ONNX exporter could not translate {type(target).__name__}: "
-            f"{type(exc).__name__}: {str(exc)[:800]}\nThe message names the operator it has no "
-            "ONNX translation for; pass a different opset= or report it."
-        ) from exc
-
-    _make_runtime_compatible(onnx_program.model)
-    _rename_shadowed_values(onnx_program.model)
+    what = type(target).__name__
+    program = capture_program(
+        flat,
+        tensors,
+        _dynamic_shapes(leaves, dynamic),
+        what,
+        hint="Export with dynamic=False, or check that the model runs under "
+        "torch.export.export(model, args, kwargs, strict=False).",
+    )
+    onnx_program = translate_program(
+        program, tensors, signature.input_names, output_names, opset, what
+    )
     fusions = None
     if optimize_original:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -326,8 +326,96 @@ def export_onnx(
     onnx_program.model.metadata_props[METADATA_KEY] = signature.to_json()
     if isinstance(model, RewrittenModel):
         onnx_program.model.metadata_props[REPORT_KEY] = str(model.report)
+    # With optimize_original the checker has no schema for ONNX Runtime's contrib operators (some,
+    # like SimplifiedLayerNormalization, even sit in the default domain); ORT itself checks them.
+    proto, external = save_checked(
+        onnx_program, program, Path(path), what, standard=not optimize_original
+    )
+    return _export_record(Path(path), proto, output_names, fusions, external)
 
-    path = Path(path)
+
+def capture_program(
+    flat: nn.Module,
+    tensors: tuple[torch.Tensor, ...],
+    dynamic_shapes: Any,
+    what: str,
+    hint: str,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of a module taking and returning flat tensors, with the
+    ``attnrewrite::attention`` op of a canonical program decomposed to sdpa.
+
+    Raises:
+        OnnxExportError: ``torch.export`` failed; the message ends with ``hint``.
+    """
+    try:
+        program = torch.export.export(flat, tensors, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise OnnxExportError(
+            f"torch.export could not capture {what} for ONNX: "
+            f"{type(exc).__name__}: {str(exc)[:800]}\n{hint}"
+        ) from exc
+    if any(is_attention(n) for n in program.graph.nodes):
+        # A canonical program: the attnrewrite::attention op becomes sdpa, which ONNX translates.
+        program = program.run_decompositions(DECOMPOSITIONS)
+    return program
+
+
+def translate_program(
+    program: torch.export.ExportedProgram,
+    tensors: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+    what: str,
+) -> Any:
+    """The dynamo-based ``torch.onnx.export`` of ``program`` (quietly), made runnable by ONNX
+    Runtime and single-assignment clean; returns the ``torch.onnx.ONNXProgram``.
+
+    Raises:
+        OnnxExportError: the exporter has no translation for an operator.
+    """
+    try:
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(
+                program,
+                tensors,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise OnnxExportError(
+            f"the ONNX exporter could not translate {what}: "
+            f"{type(exc).__name__}: {str(exc)[:800]}\nThe message names the operator it has no "
+            "ONNX translation for; pass a different opset= or report it."
+        ) from exc
+    _make_runtime_compatible(onnx_program.model)
+    _rename_shadowed_values(onnx_program.model)
+    return onnx_program
+
+
+def save_checked(
+    onnx_program: Any,
+    program: torch.export.ExportedProgram,
+    path: Path,
+    what: str,
+    *,
+    standard: bool = True,
+) -> tuple[Any, bool]:
+    """Save ``onnx_program`` at ``path`` (weights as external data past 2 GB) and, when
+    ``standard``, check it holds standard operators only and passes ``onnx.checker``.
+
+    Returns:
+        The saved ``onnx.ModelProto`` (without external data) and whether data is external.
+
+    Raises:
+        OnnxExportError: a non-standard operator, or the checker refused the model.
+    """
+    import onnx
+
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     size += sum(
@@ -337,13 +425,12 @@ def export_onnx(
     )
     external = size > _INLINE_LIMIT_BYTES
     onnx_program.save(str(path), external_data=external)
-
     proto = onnx.load(str(path), load_external_data=False)
-    if not optimize_original:
+    if standard:
         custom = custom_domain_ops(proto)
         if custom:
             raise OnnxExportError(
-                f"the export of {type(target).__name__} contains non-standard operators: "
+                f"the export of {what} contains non-standard operators: "
                 f"{', '.join(custom)}; only standard ONNX (domain '' / ai.onnx) is produced "
                 "without optimize_original. Report the variant whose operator this is."
             )
@@ -353,9 +440,7 @@ def export_onnx(
             raise OnnxExportError(
                 f"the exported model at {path} fails onnx.checker: {exc}"
             ) from exc
-    # With optimize_original the checker has no schema for ONNX Runtime's contrib operators (some,
-    # like SimplifiedLayerNormalization, even sit in the default domain); ORT itself checks them.
-    return _export_record(path, proto, output_names, fusions, external)
+    return proto, external
 
 
 def _rename_shadowed_values(model: Any) -> None:

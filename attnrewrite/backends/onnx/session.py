@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -26,6 +26,9 @@ from attnrewrite.backends.onnx.signature import (
     qualified_name,
 )
 from attnrewrite.errors import BackendUnavailableError, InputMismatchError
+
+if TYPE_CHECKING:
+    from attnrewrite.backends.onnx.decode import OnnxDecodeSession
 
 #: What ``output_classes`` takes: classes (matched by ``module.QualName``), or a mapping from the
 #: name stored in the file to the class to build (for a class that has moved since the export).
@@ -299,8 +302,12 @@ def onnx_session(
     *,
     session_options: Any = None,
     output_classes: OutputClasses | type | None = None,
-) -> OnnxSession:
+) -> OnnxSession | OnnxDecodeSession:
     """An ONNX Runtime session for a file written by ``export_onnx``, called like the model.
+
+    On a directory written by ``export_onnx(rw, dir, decode=True)``, an
+    :class:`~attnrewrite.backends.onnx.decode.OnnxDecodeSession` instead, which generates:
+    ``onnx_session(dir).generate(input_ids, attention_mask, max_new_tokens=...)``.
 
     Outputs come back in containers: a Hugging Face ``ModelOutput`` (or another named record) as
     an :class:`OnnxOutputs` dict, so ``out.last_hidden_state``, ``out["last_hidden_state"]`` and
@@ -310,7 +317,7 @@ def onnx_session(
     a file is ever imported or constructed.
 
     Args:
-        path: the ``.onnx`` file.
+        path: the ``.onnx`` file, or a decode directory.
         providers: ``None`` for the CPU; ``"cuda"`` (or ``"CUDAExecutionProvider"``), a list of
             provider names, or ``(name, options)`` pairs. The CPU provider is appended as the
             fallback for operators an accelerator does not implement.
@@ -324,6 +331,16 @@ def onnx_session(
         OnnxSignatureError: the file's attnrewrite metadata is malformed (at load), or a class
             from ``output_classes`` cannot be built from the exported fields (at call).
     """
+    if Path(path).is_dir():
+        # A directory written by export_onnx(..., decode=True): generation, not one call.
+        from attnrewrite.backends.onnx.decode import OnnxDecodeSession
+
+        if output_classes is not None:
+            raise TypeError(
+                "output_classes applies to one exported model; a decode directory returns token "
+                "ids (onnx_session(dir).generate(...))"
+            )
+        return OnnxDecodeSession(path, providers, session_options=session_options)
     return OnnxSession(
         path, providers, session_options=session_options, output_classes=output_classes
     )
