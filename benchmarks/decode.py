@@ -180,7 +180,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--variants", nargs="+", default=["softmax", "linear", "hedgehog"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["softmax", "linear", "hedgehog", "hedgehog:window=64"],
+        help="variant names, with integer options after a colon (hedgehog:window=64)",
+    )
     parser.add_argument("--prefill-len", type=int, default=1024)
     parser.add_argument("--inductor", action="store_true")
     parser.add_argument("--ort", action="store_true", help="ONNX Runtime (decode export)")
@@ -196,8 +201,12 @@ def main() -> None:
     kwargs = {"input_ids": example, "attention_mask": torch.ones_like(example)}
     decoders: dict[str, Any] = {}
     sessions: dict[str, Any] = {}
-    for variant in args.variants:
-        rw = ar.rewrite(model, variant, kwargs=kwargs)
+    for spec in args.variants:
+        # "name" or "name:option=int,...", e.g. hedgehog:window=64 (the LoLCATs hybrid)
+        variant, _, opts = spec.partition(":")
+        options = {k: int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+        rw = ar.rewrite(model, variant, kwargs=kwargs, **options)
+        variant = spec
         decoders[f"{variant} eager"] = (rw, rw.decoder())
         if args.inductor and variant != "softmax":
             compiled = ar.compile(rw)
@@ -205,7 +214,7 @@ def main() -> None:
         if args.ort:
             import tempfile
 
-            directory = tempfile.mkdtemp(prefix=f"decode_{variant}_")
+            directory = tempfile.mkdtemp(prefix="decode_")
             ar.export_onnx(rw, directory, decode=True)
             sessions[f"{variant} onnxruntime"] = ar.onnx_session(directory)
 

@@ -268,6 +268,216 @@ def _numel(sizes: Any) -> Any:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One ATen call as the mixing rules see it."""
+
+    node: fx.Node
+    name: str
+    inputs: list[Any]  # tensor inputs' fake values
+    outs: list[Any]  # output fake values
+    seq: Any  # the sequence symbol
+
+    def seq_axes(self, value: Any) -> list[int]:
+        return _seq_dims(value, self.seq)
+
+
+def _product(c: _Call) -> str | None:
+    if any(_has(t.shape[axis], c.seq) for t, axis in _contracted(c.node, c.name)):
+        return f"`{c.name}` sums over the sequence axis"
+    return None
+
+
+def _norm(c: _Call) -> str | None:
+    shape = G.arg(c.node, "normalized_shape", None)
+    x = c.inputs[0]
+    count = len(shape) if shape is not None else 1
+    if any(d >= x.dim() - count for d in c.seq_axes(x)):
+        return f"`{c.name}` normalises over the sequence axis"
+    return None
+
+
+def _statistics_norm(c: _Call) -> str | None:
+    batch_norm = c.name.startswith(("native_batch", "batch", "_native_batch"))
+    if batch_norm and not G.arg(c.node, "training", False):
+        return None  # running statistics: elementwise
+    return f"`{c.name}` normalises over the sequence axis"
+
+
+def _embedding(c: _Call) -> str | None:
+    return "indexes the sequence axis" if c.seq_axes(G.val(c.node.args[0])) else None
+
+
+def _convolution(c: _Call) -> str | None:
+    x, w = G.val(c.node.args[0]), G.val(c.node.args[1])
+    for d in c.seq_axes(x):
+        if d >= 2 and w.shape[d] != 1:
+            return f"`{c.name}` convolves over the sequence axis (kernel {w.shape[d]})"
+    return None
+
+
+def _pad(c: _Call) -> str | None:
+    pads = list(G.arg(c.node, "pad", c.node.args[1]))
+    x = c.inputs[0]
+    for d in c.seq_axes(x):
+        k = x.dim() - 1 - d
+        if 2 * k + 1 < len(pads) and (pads[2 * k] != 0 or pads[2 * k + 1] != 0):
+            return f"`{c.name}` pads the sequence axis"
+    return None
+
+
+def _slice(c: _Call) -> str | None:
+    x = c.inputs[0]
+    if G.normalize_dim(G.arg(c.node, "dim", 0), x.dim()) not in c.seq_axes(x):
+        return None
+    start, end = G.arg(c.node, "start", None), G.arg(c.node, "end", None)
+    whole = end is None or (isinstance(end, int) and end >= 2**62)
+    if start not in (None, 0) or not whole or G.arg(c.node, "step", 1) != 1:
+        return "slices the sequence axis"
+    return None
+
+
+def _index(c: _Call) -> str | None:
+    indices = c.node.args[1] if len(c.node.args) > 1 else []
+    axes = c.seq_axes(c.inputs[0])
+    if any(i is not None and d in axes for d, i in enumerate(indices)):
+        return f"`{c.name}` indexes the sequence axis"
+    return None
+
+
+def _reduction(c: _Call) -> str | None:
+    x = c.inputs[0]
+    if c.name in {"max", "min"} and len(c.inputs) > 1:
+        return None  # elementwise maximum/minimum of two tensors
+    dims = _dims(c.node, x.dim())
+    if dims is None or any(d in c.seq_axes(x) for d in dims):
+        return f"`{c.name}` reduces or scans over the sequence axis"
+    return None
+
+
+def _shift(c: _Call) -> str | None:
+    x = c.inputs[0]
+    dims = G.arg(c.node, "dims", None) or []
+    dims = [G.normalize_dim(int(d), x.dim()) for d in dims] or list(range(x.dim()))
+    if any(d in c.seq_axes(x) for d in dims):
+        return f"`{c.name}` moves positions along the sequence axis"
+    return None
+
+
+def _triangle(c: _Call) -> str | None:
+    x = c.inputs[0]
+    if any(d >= x.dim() - 2 for d in c.seq_axes(x)):
+        return "tril/triu over the sequence axis"
+    return None
+
+
+def _along_dim(c: _Call) -> str | None:
+    joined = c.name in _JOINS  # the output has the joined axis
+    ref = c.outs[0] if joined else c.inputs[0]
+    dim = G.normalize_dim(int(G.arg(c.node, "dim", 0)), ref.dim())
+    return f"`{c.name}` along the sequence axis" if dim in c.seq_axes(ref) else None
+
+
+def _repeat(c: _Call) -> str | None:
+    x = c.inputs[0]
+    reps = list(c.node.args[1])
+    offset = len(reps) - x.dim()
+    if any(reps[offset + d] != 1 for d in c.seq_axes(x)):
+        return f"`{c.name}` repeats along the sequence axis"
+    return None
+
+
+def _regroup(c: _Call) -> str | None:
+    if not _reshape_keeps_tokens(c.inputs[0], c.outs[0], c.seq):
+        return f"`{c.name}` regroups the sequence axis with features"
+    return None
+
+
+def _never(c: _Call) -> str | None:
+    return None
+
+
+def _unrewritten(c: _Call) -> str | None:
+    return "an attention that was not rewritten (its site was skipped)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingRule:
+    """How one family of ops can mix positions: ``check`` says why a call does (or ``None``)."""
+
+    name: str
+    ops: frozenset[str]
+    check: Any  # Callable[[_Call], str | None]
+
+
+_JOINS = frozenset({"cat", "concat", "concatenate"})
+
+#: The decode analysis's vocabulary of ops that act on each position alone (or do not), checked in
+#: order; an op no rule names is accepted only when ATen tags it ``pointwise`` or it is one of
+#: :data:`_POINTWISE_EXTRA`. A new op family is one entry here plus a test.
+MIXING_RULES: tuple[MixingRule, ...] = (
+    MixingRule("products", _PRODUCTS, _product),
+    MixingRule("layer norms", _NORMS, _norm),
+    MixingRule(
+        "statistics norms",
+        frozenset(
+            {
+                "native_group_norm",
+                "group_norm",
+                "instance_norm",
+                "native_batch_norm",
+                "batch_norm",
+                "_native_batch_norm_legit_no_training",
+            }
+        ),
+        _statistics_norm,
+    ),
+    MixingRule("embeddings", frozenset({"embedding", "embedding_bag"}), _embedding),
+    MixingRule(
+        "convolutions",
+        frozenset(
+            {
+                "convolution",
+                "conv1d",
+                "conv2d",
+                "conv3d",
+                "_convolution",
+                "conv_transpose1d",
+                "conv_transpose2d",
+            }
+        ),
+        _convolution,
+    ),
+    MixingRule(
+        "pads",
+        frozenset({"constant_pad_nd", "pad", "reflection_pad1d", "replication_pad1d"}),
+        _pad,
+    ),
+    MixingRule("slices", frozenset({"slice"}), _slice),
+    MixingRule(
+        "indexing", frozenset({"index", "_unsafe_index", "index_put", "_unsafe_index_put"}), _index
+    ),
+    MixingRule("reductions and scans", _REDUCTIONS, _reduction),
+    MixingRule("triangles", frozenset({"tril", "triu"}), _triangle),
+    MixingRule("shifts and flips", frozenset({"roll", "flip"}), _shift),
+    MixingRule("moves along a dim", _ALONG_DIM - {"tril", "triu", "roll", "flip"}, _along_dim),
+    MixingRule("repeats", frozenset({"repeat", "tile"}), _repeat),
+    MixingRule("regroups", _REGROUPS, _regroup),
+    MixingRule("layout and copies", _LAYOUT, _never),
+    MixingRule(
+        "fused attention",
+        frozenset(
+            {
+                "scaled_dot_product_attention",
+                "_scaled_dot_product_flash_attention",
+                "_scaled_dot_product_efficient_attention",
+            }
+        ),
+        _unrewritten,
+    ),
+)
+
+
 def mixing_reason(node: fx.Node, seq: Any) -> str | None:
     """Why ``node`` mixes positions along the sequence symbol ``seq`` (``None``: it does not)."""
     if node.op in ("placeholder", "output", "get_attr"):
@@ -275,136 +485,33 @@ def mixing_reason(node: fx.Node, seq: Any) -> str | None:
     if node.op == "call_module":
         return "a submodule call the decode analysis cannot see into"
     target = node.target
-    if target is operator.getitem or not isinstance(target, torch._ops.OpOverload):
-        if isinstance(target, torch._ops.HigherOrderOperator):
-            return None  # its body is checked on its own (see _check_subgraphs)
-        return (
-            None
-            if target is operator.getitem or not _tensor_inputs(node)
-            else (f"a Python call ({getattr(target, '__name__', target)}) on tensors")
-        )
+    if not isinstance(target, torch._ops.OpOverload):
+        if target is operator.getitem or isinstance(target, torch._ops.HigherOrderOperator):
+            return None  # a higher-order op's body is checked on its own (_check_subgraphs)
+        if _tensor_inputs(node):
+            return f"a Python call ({getattr(target, '__name__', target)}) on tensors"
+        return None
     name = G.op_name(node)
     out = G.val(node)
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    inputs = _tensor_inputs(node)
-    if not any(_seq_dims(t, seq) for t in [*inputs, *outs]):
+    call = _Call(
+        node,
+        name,
+        _tensor_inputs(node),
+        list(out) if isinstance(out, (list, tuple)) else [out],
+        seq,
+    )
+    if not any(_seq_dims(t, seq) for t in [*call.inputs, *call.outs]):
         return None  # nothing here has the sequence axis (weights, scalars, sizes)
-    if name == "arange" or name == "sym_size" or name.startswith("sym_"):
+    if name == "arange" or name.startswith("sym_"):
         return None
-    if any(len(_seq_dims(t, seq)) > 1 for t in outs if isinstance(t, torch.Tensor)):
+    if any(len(_seq_dims(t, seq)) > 1 for t in call.outs if isinstance(t, torch.Tensor)):
         return "builds a position × position tensor outside an attention site"
-    if name in _PRODUCTS:
-        if any(_has(t.shape[axis], seq) for t, axis in _contracted(node, name)):
-            return f"`{name}` sums over the sequence axis"
-        return None
-    if name in _NORMS:
-        shape = G.arg(node, "normalized_shape", None)
-        x = inputs[0]
-        count = len(shape) if shape is not None else 1
-        if any(d >= x.dim() - count for d in _seq_dims(x, seq)):
-            return f"`{name}` normalises over the sequence axis"
-        return None
-    if name in {
-        "native_group_norm",
-        "group_norm",
-        "instance_norm",
-        "native_batch_norm",
-        "batch_norm",
-        "_native_batch_norm_legit_no_training",
-    }:
-        training = G.arg(node, "training", False)
-        if name.startswith(("native_batch", "batch", "_native_batch")) and not training:
-            return None
-        return f"`{name}` normalises over the sequence axis"
-    if name in {"embedding", "embedding_bag"}:
-        return None if not _seq_dims(G.val(node.args[0]), seq) else "indexes the sequence axis"
-    if name in {
-        "convolution",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "_convolution",
-        "conv_transpose1d",
-        "conv_transpose2d",
-    }:
-        x, w = G.val(node.args[0]), G.val(node.args[1])
-        for d in _seq_dims(x, seq):
-            if d >= 2 and (w.shape[d] != 1):
-                return f"`{name}` convolves over the sequence axis (kernel {w.shape[d]})"
-        return None
     if "pool" in name:
         return f"`{name}` pools over the sequence axis"
-    if name in {"constant_pad_nd", "pad", "reflection_pad1d", "replication_pad1d"}:
-        pads = list(G.arg(node, "pad", node.args[1]))
-        x = inputs[0]
-        for d in _seq_dims(x, seq):
-            k = x.dim() - 1 - d
-            if 2 * k + 1 < len(pads) and (pads[2 * k] != 0 or pads[2 * k + 1] != 0):
-                return f"`{name}` pads the sequence axis"
-        return None
-    if name == "slice":
-        x = inputs[0]
-        d = G.normalize_dim(G.arg(node, "dim", 0), x.dim())
-        if d in _seq_dims(x, seq):
-            start = G.arg(node, "start", None)
-            end = G.arg(node, "end", None)
-            step = G.arg(node, "step", 1)
-            full_end = end is None or (isinstance(end, int) and end >= 2**62)
-            if start not in (None, 0) or not full_end or step != 1:
-                return "slices the sequence axis"
-        return None
-    if name in {"index", "_unsafe_index", "index_put", "_unsafe_index_put"}:
-        x = inputs[0]
-        indices = node.args[1] if len(node.args) > 1 else []
-        seq_axes = _seq_dims(x, seq)
-        if any(i is not None and d in seq_axes for d, i in enumerate(indices)):
-            return f"`{name}` indexes the sequence axis"
-        return None
-    if name in _REDUCTIONS:
-        x = inputs[0]
-        if name in {"max", "min"} and len(inputs) > 1:
-            return None  # elementwise maximum/minimum of two tensors
-        dims = _dims(node, x.dim())
-        seq_axes = _seq_dims(x, seq)
-        if dims is None or any(d in seq_axes for d in dims):
-            return f"`{name}` reduces or scans over the sequence axis"
-        return None
-    if name in _ALONG_DIM:
-        x = inputs[0]
-        dim = G.arg(node, "dim", 0)
-        seq_axes = _seq_dims(x if name not in {"cat", "concat", "concatenate"} else outs[0], seq)
-        if name in {"tril", "triu"}:
-            return (
-                "tril/triu over the sequence axis"
-                if any(d >= x.dim() - 2 for d in seq_axes)
-                else None
-            )
-        if G.normalize_dim(int(dim), (outs[0] if name in {"cat", "concat"} else x).dim()) in (
-            seq_axes
-        ):
-            return f"`{name}` along the sequence axis"
-        return None
-    if name in {"repeat", "tile"}:
-        x = inputs[0]
-        reps = list(node.args[1])
-        offset = len(reps) - x.dim()
-        if any(reps[offset + d] != 1 for d in _seq_dims(x, seq)):
-            return f"`{name}` repeats along the sequence axis"
-        return None
-    if name in _REGROUPS:
-        if not _reshape_keeps_tokens(inputs[0], outs[0], seq):
-            return f"`{name}` regroups the sequence axis with features"
-        return None
-    if name in _LAYOUT:
-        return None
-    if name in {
-        "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-    }:
-        return "an attention that was not rewritten (its site was skipped)"
-    tags = getattr(target, "tags", ())
-    if torch.Tag.pointwise in tags or name in _POINTWISE_EXTRA:
+    for rule in MIXING_RULES:
+        if name in rule.ops:
+            return rule.check(call)
+    if torch.Tag.pointwise in getattr(target, "tags", ()) or name in _POINTWISE_EXTRA:
         return None
     return f"`{name}` is not known to act on each position alone"
 
@@ -488,7 +595,13 @@ def _sequence_symbol(sites: list[tuple[fx.Node, AttentionVariant]]) -> Any:
         for operand, what in ((q, "queries"), (k, "keys")):
             size = G.shape(operand)[2] if G.shape(operand) else None
             expr = size.node.expr if isinstance(size, torch.SymInt) else None
-            if expr is None or not expr.is_Symbol:
+            if expr is not None and not expr.is_Symbol:
+                raise DecodeError(
+                    f"site {variant.site.name}: the number of {what} is {size}, not a sequence "
+                    "length itself: positions are regrouped before attention (token merging, "
+                    "pooling), which has no one-token step"
+                )
+            if expr is None:
                 raise DecodeError(
                     f"site {variant.site.name}: the number of {what} was fixed at capture "
                     f"({size}); decoding needs the sequence length dynamic. Capture with an "

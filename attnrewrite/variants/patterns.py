@@ -36,7 +36,7 @@ from attnrewrite.variants.blockwise import (
     pattern_attention,
     prefix_segment,
 )
-from attnrewrite.variants.softmax import append_bias, exact_attention
+from attnrewrite.variants.softmax import append_bias, one_row_attention
 
 #: Smallest block used for windows narrower than this: tiny blocks waste time on per-block overhead.
 MIN_BLOCK = 16
@@ -159,7 +159,7 @@ class LocalAttention(PatternAttention):
         keys, values, bias = state
         keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
         bias = append_bias(bias, key_bias(mask, key))
-        out = exact_attention(query, keys, values, bias.unsqueeze(-2).to(query.dtype), False, scale)
+        out = one_row_attention(query, keys, values, bias, scale)
         return out, (keys[:, :, 1:], values[:, :, 1:], bias[..., 1:])  # the window moves on
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
@@ -367,12 +367,11 @@ class LongformerAttention(PatternAttention):
         # Keys within w of the new query; the global ones are counted once, among the globals.
         near_bias = near_bias.masked_fill((near_pos < g).unsqueeze(1), float("-inf"))
         all_bias = append_bias(g_bias, near_bias)
-        out = exact_attention(
+        out = one_row_attention(
             query,
             torch.cat([g_keys, near_keys], 2),
             torch.cat([g_values, near_values], 2),
-            all_bias.unsqueeze(-2).to(query.dtype),
-            False,
+            all_bias,
             scale,
         )
         near_bias = append_bias(bias, new_bias)  # unmasked: the mask depends on the query

@@ -49,8 +49,27 @@ class SoftmaxAttention(AttentionVariant):
         keys, values, bias = state
         keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
         bias = append_bias(bias, key_bias(mask, key))
-        out = exact_attention(query, keys, values, bias.unsqueeze(-2).to(query.dtype), False, scale)
-        return out, (keys, values, bias)
+        return one_row_attention(query, keys, values, bias, scale), (keys, values, bias)
+
+
+def one_row_attention(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float):
+    """Exact attention of one new query per sequence over a cache, grouped heads read in place.
+
+    query (B, H, 1, d); keys, values (B, Hkv, N, d|dv); bias (B, 1|H, N) additive. The query heads
+    sharing a key/value head are one (G, d) × (d, N) product: no copy of the cache per step (a
+    step reads it once, which is what decoding with a cache costs).
+    """
+    b, heads, _, d = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q = query.reshape(b, kv_heads, group, d).to(acc)
+    scores = torch.matmul(q, keys.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, N)
+    grouped_bias = bias.to(acc).reshape(b, -1, 1 if bias.shape[1] == 1 else group, length)
+    # A row with every key masked gets zeros, as sdpa's safe softmax gives (not NaN).
+    weights = torch.softmax(scores + grouped_bias, dim=-1).nan_to_num(nan=0.0)
+    out = torch.matmul(weights, values.to(acc))  # (B, Hkv, G, dv)
+    return out.reshape(b, heads, 1, values.shape[-1]).to(query.dtype)
 
 
 def append_bias(past: Tensor, new: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ from attnrewrite.backends.onnx.export import (
 )
 from attnrewrite.backends.onnx.signature import REPORT_KEY, OnnxSignatureError
 from attnrewrite.errors import DecodeError, OnnxExportError
-from attnrewrite.rewriter.generate import CHECK_TOLERANCE, Decoder, _prompt, decode_loop
+from attnrewrite.rewriter.generate import Decoder, _prompt, check_tolerance, decode_loop
 
 PREFILL_FILE = "prefill.onnx"
 STEP_FILE = "step.onnx"
@@ -774,9 +774,10 @@ class OnnxDecodeSession:
             torch.cat([positions, last[:, None]], dim=1),
             0,
         )
+        tolerance = check_tolerance(want.dtype)
         want, got = want.double(), step_logits.double()
         error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-        if not error <= CHECK_TOLERANCE:
+        if not error <= tolerance:
             raise DecodeError(
                 f"in ONNX Runtime, the step graph does not reproduce the prefill graph (relative "
                 f"error {error:.2e} on the first generated position) for {self.directory}: export "
