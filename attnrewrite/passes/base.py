@@ -18,11 +18,14 @@ aten = torch.ops.aten
 
 @dataclasses.dataclass(frozen=True)
 class PassResult:
-    """``torch.fx`` style pass result, plus statistics that end up in the report."""
+    """What every pass returns (``torch.fx`` style): the graph module, whether it changed,
+    statistics that end up in the report, and per-node diagnostics (records with a stage and a
+    reason, e.g. :class:`~attnrewrite.site.Rejected`) that are kept rather than printed."""
 
     graph_module: fx.GraphModule
     modified: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    diagnostics: tuple[Any, ...] = ()
 
 
 class Emitter:

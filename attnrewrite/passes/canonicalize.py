@@ -35,7 +35,7 @@ from attnrewrite.passes.base import Emitter, PassResult, aten
 from attnrewrite.passes.find_attention import MaskTerm, Operand, SiteMatch
 from attnrewrite.passes.mask_analysis import MaskAnalysis, reshape_groups
 from attnrewrite.passes.vocab import ROW_ELEMENTWISE
-from attnrewrite.site import MaskClass
+from attnrewrite.site import MaskClass, Rejected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,11 @@ class Canonicalize:
             else:
                 outputs[match.site.name] = (before, rows.last_output)
         stats = {"canonicalized": len(outputs), "failed": failed, "outputs": outputs}
-        return PassResult(gm, bool(outputs), stats)
+        diagnostics = tuple(
+            Rejected(node=name, module=name, reason=why, stage="canonicalize")
+            for name, why in failed.items()
+        )
+        return PassResult(gm, bool(outputs), stats, diagnostics)
 
 
 @dataclasses.dataclass

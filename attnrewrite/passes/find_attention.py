@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import fx
 
 from attnrewrite.passes import graph as G
+from attnrewrite.passes.base import PassResult
 from attnrewrite.passes.mask_analysis import (
     AbstractValue,
     MaskAnalysis,
@@ -178,8 +179,26 @@ class FindResult:
     rejected: list[Rejected]
 
 
-def find_sites(gm: fx.GraphModule, *, debug: bool = False) -> FindResult:
-    """All attention sites of ``gm`` in graph order."""
+@dataclasses.dataclass(frozen=True)
+class FindAttention:
+    """The find pass in the common pass shape: the graph is not changed; ``stats["matches"]``
+    holds the sites' records and ``diagnostics`` every rejected softmax with its stage and
+    reason (what ``report.rejected`` shows and ``debug=True`` prints)."""
+
+    name: ClassVar[str] = "find"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        found = find_sites(gm)
+        return PassResult(
+            gm,
+            False,
+            {"matches": found.matches, "sites": len(found.matches)},
+            diagnostics=tuple(found.rejected),
+        )
+
+
+def find_sites(gm: fx.GraphModule) -> FindResult:
+    """All attention sites of ``gm`` in graph order, and every softmax looked at and rejected."""
     analysis = MaskAnalysis(gm)
     matches: list[SiteMatch] = []
     rejected: list[tuple[str, str]] = []

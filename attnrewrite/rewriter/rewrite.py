@@ -19,7 +19,7 @@ from attnrewrite.errors import (
 )
 from attnrewrite.passes.base import AliasClasses, dead_code_elimination, written_nodes
 from attnrewrite.passes.canonicalize import Canonicalize
-from attnrewrite.passes.find_attention import FindResult, SiteMatch, find_sites
+from attnrewrite.passes.find_attention import FindAttention, FindResult, SiteMatch
 from attnrewrite.passes.lower import VARIANTS_ATTR, LowerToVariants
 from attnrewrite.rewriter.capture import Captured, capture, default_positions
 from attnrewrite.rewriter.report import Report, SiteRow, Status
@@ -35,7 +35,9 @@ def _prepare(model: Any, args: Any, kwargs: Any) -> tuple[Captured, FindResult]:
     captured = capture(model, args, kwargs)
     gm = captured.graph_module
     dead_code_elimination(gm)  # unused attention weights must not count as escaping
-    return captured, _refuse_sites_written_in_place(gm, find_sites(gm))
+    found = FindAttention()(gm)
+    result = FindResult(found.stats["matches"], list(found.diagnostics))
+    return captured, _refuse_sites_written_in_place(gm, result)
 
 
 def _refuse_sites_written_in_place(gm: fx.GraphModule, found: FindResult) -> FindResult:

@@ -176,3 +176,30 @@ def test_lower_reads_only_the_canonical_op():
     assert not any(is_attention(n) for n in gm.graph.nodes)
     assert any(n.op == "call_module" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_passes_share_one_result_shape():
+    """find, canonicalise and lower each return a PassResult; find's rejections and a failed
+    canonicalisation come back as diagnostics (stage and reason), not as printed text."""
+    from attnrewrite.passes.canonicalize import Canonicalize
+    from attnrewrite.passes.find_attention import FindAttention
+    from attnrewrite.rewriter.capture import capture
+
+    class Router(nn.Module):
+        def forward(self, x, mask):
+            gate = x.mean(-1).softmax(-1)  # a softmax over tokens that is not attention
+            return Manual()(x, mask) * gate[..., None]
+
+    torch.manual_seed(0)
+    _, x, mask = _example()
+    gm = capture(Router().eval(), (x, mask)).graph_module
+    found = FindAttention()(gm)
+    assert found.modified is False and found.stats["sites"] == 1
+    assert [d.stage for d in found.diagnostics] == ["find"]
+    assert found.diagnostics[0].reason
+    canon = Canonicalize(tuple(found.stats["matches"]))(gm)
+    assert canon.modified and canon.stats["canonicalized"] == 1 and canon.diagnostics == ()
+    (node,) = [n for n in gm.graph.nodes if is_attention(n)]
+    site = site_of(node)
+    lowered = LowerToVariants({site.name: get_variant("linear")(site)})(gm)
+    assert lowered.modified and lowered.stats == {"lowered": 1}

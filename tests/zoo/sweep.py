@@ -334,17 +334,16 @@ def shrink_config(config: Any) -> Any:
 #: MoE, ALiBi, GQA, sliding windows, soft-capping), encoder-decoders, vision and audio models.
 CI_SAMPLE = (
     # encoders
-    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "mpnet", "convbert",
-    "modernbert",
+    "bert", "roberta", "distilbert", "albert", "deberta-v2", "convbert", "modernbert",
     # decoders (tests/decode also generates with llama, gpt2, qwen2, gemma, phi, opt, bloom,
     # falcon and gpt_neox in every default run)
-    "gpt_neo", "gptj", "mistral", "mixtral", "gpt_bigcode",
+    "gpt_neo", "mistral", "mixtral", "gpt_bigcode",
     # encoder-decoders (t5 and bart also in tests/zoo/test_hf_zoo.py)
     "bart", "whisper",
     # vision and image-text
-    "vit", "deit", "beit", "dinov2", "yolos", "ijepa", "videomae", "clip", "owlvit",
+    "vit", "deit", "beit", "dinov2", "yolos", "clip",
     # audio
-    "wav2vec2", "hubert",
+    "wav2vec2",
 )  # fmt: skip
 
 
