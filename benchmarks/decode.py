@@ -103,6 +103,17 @@ def original_step(model: Any, batch: int, context: int, reps: int) -> tuple[floa
     return seconds, bytes_per_seq
 
 
+def cache_of(state: list[torch.Tensor], context: int) -> list[torch.Tensor]:
+    """A key/value-cache state (keys, values (B, H, n, d); key biases (B, H, n)) of the exact
+    model, standing for ``context`` positions (random keys and values, zero biases)."""
+    return [
+        torch.randn(*s.shape[:-2], context, s.shape[-1])
+        if s.dim() == 4
+        else torch.zeros(*s.shape[:-1], context)
+        for s in state
+    ]
+
+
 def rewritten_step(
     decoder: Any, batch: int, context: int, reps: int, grow: bool
 ) -> tuple[float, int]:
@@ -113,13 +124,8 @@ def rewritten_step(
     positions = torch.arange(8).expand(batch, -1)
     flat = decoder._flat(ids, mask, positions, 0)
     state = list(plan.prefill(*flat))[plan.num_outputs :]
-    if grow:  # the key/value cache of the exact model: C positions
-        state = [
-            torch.randn(*s.shape[:-2], context, s.shape[-1])
-            if s.dim() == 4
-            else torch.zeros(*s.shape[:-1], context)
-            for s in state
-        ]
+    if grow:
+        state = cache_of(state, context)
     token = torch.randint(1, 100, (batch, 1))
     step_flat = decoder._flat(
         token, torch.ones_like(token), torch.full((batch, 1), context), context
@@ -142,12 +148,7 @@ def ort_step(session: Any, batch: int, context: int, reps: int, grow: bool) -> t
     mask = torch.ones_like(ids)
     _, state = session._prefill(ids, mask, torch.arange(8).expand(batch, -1), 0)
     if grow:
-        state = [
-            torch.randn(*s.shape[:-2], context, s.shape[-1])
-            if s.dim() == 4
-            else torch.zeros(*s.shape[:-1], context)
-            for s in state
-        ]
+        state = cache_of(state, context)
     token = torch.randint(1, 100, (batch, 1))
     position = torch.full((batch, 1), context)
 

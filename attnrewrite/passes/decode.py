@@ -50,66 +50,25 @@ DECODE_ATTR = "attnrewrite_decode"
 #: Views and copies: they move data but keep each token's features together when the per-token
 #: block (elements after the sequence axis) is unchanged, which :func:`_reshape_keeps_tokens`
 #: checks for the ops that regroup axes.
-_LAYOUT = frozenset(
-    {
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "flatten",
-        "unflatten",
-        "expand",
-        "expand_as",
-        "broadcast_to",
-        "permute",
-        "transpose",
-        "t",
-        "unsqueeze",
-        "squeeze",
-        "clone",
-        "contiguous",
-        "alias",
-        "detach",
-        "lift_fresh_copy",
-        "to",
-        "_to_copy",
-        "type_as",
-        "movedim",
-        "mT",
-        "numpy_T",
-        "dropout",
-        "feature_dropout",
-        "alpha_dropout",
-        "native_dropout",
-        "split",
-        "split_with_sizes",
-        "chunk",
-        "unbind",
-        "stack",
-        "view_as",
-        "reshape_as",
-        "_assert_tensor_metadata",
-        "scalar_tensor",
-        "zeros_like",
-        "ones_like",
-        "full_like",
-        "empty_like",
-        "new_zeros",
-        "new_ones",
-        "new_full",
-        "new_empty",
-        "zeros",
-        "ones",
-        "full",
-        "empty",
-        "empty_strided",
-        "rand_like",
-        "randn_like",
-        "bernoulli",
+_LAYOUT = (
+    vocab.RESHAPES
+    | vocab.BROADCASTS
+    | vocab.AXIS_PERMUTES
+    | vocab.COPIES
+    | vocab.CASTS
+    | vocab.DROPOUTS
+    | {
+        "movedim", "numpy_T", "native_dropout", "split", "split_with_sizes", "chunk", "unbind",
+        "stack", "view_as", "reshape_as", "_assert_tensor_metadata",
+        # new tensors: shaped like an input, values of their own
+        "scalar_tensor", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
+        "new_ones", "new_full", "new_empty", "zeros", "ones", "full", "empty", "empty_strided",
+        "rand_like", "randn_like", "bernoulli",
     }
-)
-_REGROUPS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten"})
+)  # fmt: skip
+_REGROUPS = vocab.REGROUPS
 #: Reductions and scans over ``dim`` (all axes when it is absent).
-_REDUCTIONS = frozenset(
+_REDUCTIONS = vocab.SOFTMAX_OPS | frozenset(
     {
         "sum",
         "mean",
@@ -132,11 +91,8 @@ _REDUCTIONS = frozenset(
         "cummax",
         "cummin",
         "logcumsumexp",
-        "softmax",
-        "_softmax",
         "log_softmax",
         "_log_softmax",
-        "_safe_softmax",
         "sort",
         "argsort",
         "topk",
@@ -238,9 +194,7 @@ def _contracted(node: fx.Node, name: str) -> list[tuple[Any, int]]:
     return pairs
 
 
-_PRODUCTS = frozenset(
-    {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "einsum", "dot", "mv", "addmv"}
-)
+_PRODUCTS = vocab.PRODUCT_OPS | {"addmm", "linear", "dot", "mv", "addmv"}
 _NORMS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"})
 
 

@@ -39,7 +39,52 @@ def check_tolerance(dtype: torch.dtype) -> float:
     return HALF_CHECK_TOLERANCE if dtype in (torch.float16, torch.bfloat16) else CHECK_TOLERANCE
 
 
-class Decoder:
+class Generation:
+    """``stream`` and ``generate`` over a prefill and a step (see :func:`decode_loop`); a runtime
+    (eager or compiled graphs, ONNX Runtime) supplies :meth:`_runners`, ``takes_mask``,
+    ``verified`` and :meth:`_verify`."""
+
+    takes_mask: bool
+    verified: bool
+
+    def _runners(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(prefill, step) as :func:`decode_loop` calls them."""
+        raise NotImplementedError(f"{type(self).__name__} must supply its prefill and step")
+
+    def _verify(self, *args: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must say how it checks a step")
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        check: bool = True,
+        output_logits: bool = False,
+        **options: Any,
+    ) -> Iterator[Any]:
+        """Yield the next token of every sequence, (B,), one step at a time (with
+        ``output_logits`` the pair (token, the (B, V) logits it was chosen from)). Options as for
+        :meth:`RewrittenModel.generate`; ``check`` compares the first step with the parallel
+        form (first call only)."""
+        ids, mask = _prompt(input_ids, attention_mask, self.takes_mask)
+        prefill, step = self._runners()
+        verify = self._verify if check and not self.verified else None
+        for token, logits in decode_loop(prefill, step, ids, mask, verify=verify, **options):
+            yield (token, logits) if output_logits else token
+
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **options
+    ) -> Tensor:
+        """The prompt followed by the new tokens, (B, N + new), as Hugging Face's ``generate``."""
+        tokens = list(self.stream(input_ids, attention_mask, **options))
+        if not tokens:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+
+
+class Decoder(Generation):
     """Prefill and step graphs of one rewritten model, and the generation loop over them.
 
     Args:
@@ -111,47 +156,20 @@ class Decoder:
         return logits
 
     # -- generation -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def stream(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        check: bool = True,
-        output_logits: bool = False,
-        **options: Any,
-    ) -> Iterator[Any]:
-        """Yield the next token of every sequence, (B,), one step at a time (with
-        ``output_logits`` the pair (token, the (B, V) logits it was chosen from)). Options as for
-        :meth:`RewrittenModel.generate`."""
-        ids, mask = _prompt(input_ids, attention_mask, self.takes_mask)
+    def _runners(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
         n = self.plan.num_outputs
 
         def run(fn: Callable[..., Any], flat: list[Any]) -> tuple[Tensor, list[Tensor]]:
             outs = list(fn(*flat))
             return self._logits(outs[:n])[:, -1], outs[n:]
 
-        verify = self._verify if check and not self.verified else None
-        for token, logits in decode_loop(
-            lambda *a: run(self._prefill, self._flat(*a)),
-            lambda state, *a, offset, counted: run(
-                self._step, [*self._flat(*a), offset, counted, *state]
-            ),
-            ids,
-            mask,
-            verify=verify,
-            **options,
-        ):
-            yield (token, logits) if output_logits else token
+        def prefill(*model_inputs: Any) -> tuple[Tensor, list[Tensor]]:
+            return run(self._prefill, self._flat(*model_inputs))
 
-    def generate(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, **options
-    ) -> Tensor:
-        """The prompt followed by the new tokens, (B, N + new), as Hugging Face's ``generate``."""
-        tokens = list(self.stream(input_ids, attention_mask, **options))
-        if not tokens:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+        def step(state: list[Tensor], *model_inputs: Any, offset: Tensor, counted: Tensor):
+            return run(self._step, [*self._flat(*model_inputs), offset, counted, *state])
+
+        return prefill, step
 
     def _verify(
         self,

@@ -84,6 +84,19 @@ class FeatureMapAttention(AttentionVariant):
         causal: bool = False,
         scale: float = 1.0,
     ) -> Tensor:
+        return self._attend(query, key, value, mask, causal, scale)[0]
+
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        """The output (in ``query``'s dtype) and φ(k) (compute dtype), the features computed
+        once."""
         acc = compute_dtype(query.dtype)
         root = math.sqrt(scale)
         weights = key_weights(mask, acc)
@@ -96,19 +109,13 @@ class FeatureMapAttention(AttentionVariant):
             causal=causal,
             chunk_size=self.options.chunk_size,
         )
-        return out.to(query.dtype)
+        return out.to(query.dtype), phi_k
 
     # -- decoding: the recurrent form (Katharopoulos et al. 2020, "Transformers are RNNs") ----
     def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
-        out = FeatureMapAttention.forward(
-            self, query, key, value, mask=mask, causal=causal, scale=scale
-        )
-        acc = compute_dtype(query.dtype)
-        root = math.sqrt(scale)
-        phi_q, phi_k = self.feature_maps(
-            query.to(acc) * root, key.to(acc) * root, key_weights(mask, acc)
-        )
-        return out, self._sums(phi_k, value, key_bias(mask, key, acc), query.shape[1])
+        out, phi_k = FeatureMapAttention._attend(self, query, key, value, mask, causal, scale)
+        bias = key_bias(mask, key, phi_k.dtype)
+        return out, self._sums(phi_k, value, bias, query.shape[1])
 
     def step(self, query, key, value, state, *, mask=None, scale=1.0):
         acc = compute_dtype(query.dtype)

@@ -12,7 +12,7 @@ from torch import Tensor
 from attnrewrite.site import AttentionSite
 from attnrewrite.variants.base import compute_dtype, default_num_features, key_bias, key_weights
 from attnrewrite.variants.kernel import FeatureMapAttention, KernelOptions
-from attnrewrite.variants.kernel_core import match_heads, random_projection, step
+from attnrewrite.variants.kernel_core import kernel_attention, match_heads, random_projection, step
 
 # Seeds of successive redraws: a large odd step (2^32/φ) keeps the streams of neighbouring seeds
 # and neighbouring draws apart.
@@ -89,17 +89,22 @@ class PerformerAttention(FeatureMapAttention):
     def feature_maps(
         self, query: Tensor, key: Tensor, weights: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        phi_q, phi_k, _ = self._stabilised(query, key, weights)
+        return phi_q, phi_k
+
+    def _stabilised(
+        self, query: Tensor, key: Tensor, weights: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """φ(q), φ(k) and the per-feature key shift c (B, Hkv, 1, m) they were stabilised with."""
         if self.training and self.options.redraw:
             self.redraw_projection()
-        projection = self.projection.to(query.dtype)
-        q_log = query @ projection.T - query.square().sum(-1, keepdim=True) / 2
-        k_log = key @ projection.T - key.square().sum(-1, keepdim=True) / 2
+        q_log, k_log = self._logs(query), self._logs(key)
         # Per-feature key maxima move to the query side (see the class docstring).
         k_shift = _key_maximum(k_log.detach(), weights)  # (B, Hkv, 1, m)
         q_log = q_log + k_shift.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         q_shift = q_log.detach().amax(dim=-1, keepdim=True)
         root_m = math.sqrt(self.num_features)
-        return (q_log - q_shift).exp() / root_m, (k_log - k_shift).exp() / root_m
+        return (q_log - q_shift).exp() / root_m, (k_log - k_shift).exp() / root_m, k_shift
 
     # -- decoding --------------------------------------------------------------------------------
     # The stabiliser c_r (per-feature key maximum) is part of the state: a new key raises it to
@@ -112,13 +117,20 @@ class PerformerAttention(FeatureMapAttention):
         return x @ projection.T - x.square().sum(-1, keepdim=True) / 2
 
     def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
-        out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
         acc = compute_dtype(query.dtype)
-        k_log = self._logs(key.to(acc) * math.sqrt(scale))
-        shift = _key_maximum(k_log.detach(), key_weights(mask, acc))  # (B, Hkv, 1, m)
-        phi_k = (k_log - shift).exp() / math.sqrt(self.num_features)
+        root = math.sqrt(scale)
+        weights = key_weights(mask, acc)
+        phi_q, phi_k, shift = self._stabilised(query.to(acc) * root, key.to(acc) * root, weights)
+        out = kernel_attention(
+            phi_q,
+            phi_k,
+            value,
+            key_weights=weights,
+            causal=causal,
+            chunk_size=self.options.chunk_size,
+        )
         sums = self._sums(phi_k, value, key_bias(mask, key, acc), query.shape[1])
-        return out, (*sums, shift.squeeze(2))
+        return out.to(query.dtype), (*sums, shift.squeeze(2))
 
     def step(self, query, key, value, state, *, mask=None, scale=1.0):
         acc_state, acc_norm, shift = state

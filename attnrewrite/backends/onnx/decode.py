@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from attnrewrite.backends.onnx.export import (
 )
 from attnrewrite.backends.onnx.signature import REPORT_KEY, OnnxSignatureError
 from attnrewrite.errors import DecodeError, OnnxExportError
-from attnrewrite.rewriter.generate import Decoder, _prompt, check_tolerance, decode_loop
+from attnrewrite.rewriter.generate import Decoder, Generation, check_tolerance, decode_loop
 
 PREFILL_FILE = "prefill.onnx"
 STEP_FILE = "step.onnx"
@@ -662,7 +662,7 @@ def export_decode(model: Any, directory: str | Path, *, opset: int | None = None
 # -- the session -----------------------------------------------------------------------------------
 
 
-class OnnxDecodeSession:
+class OnnxDecodeSession(Generation):
     """Generation over the ONNX files :func:`export_decode` wrote: prefill and step run in ONNX
     Runtime, the loop (greedy or sampled, end-of-sequence tokens) is the PyTorch decoder's own.
     Token ids and logits are torch tensors; they cross to NumPy at each graph call.
@@ -786,40 +786,12 @@ class OnnxDecodeSession:
         self.verified = True
 
     # -- generation --------------------------------------------------------------------------------
-    def stream(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        check: bool = True,
-        output_logits: bool = False,
-        **options: Any,
-    ) -> Iterator[Any]:
-        """Yield the next token of every sequence, (B,), one step at a time (with
-        ``output_logits`` the pair (token, the (B, V) logits it was chosen from)). Options as for
-        :meth:`generate`; ``check`` compares the first step with the prefill graph (first call)."""
-        ids, mask = _prompt(input_ids, attention_mask, self.signature.takes_mask)
-        verify: Callable[..., None] | None = self._verify if check and not self.verified else None
-        with torch.no_grad():
-            for token, logits in decode_loop(
-                self._prefill, self._step, ids, mask, verify=verify, **options
-            ):
-                yield (token, logits) if output_logits else token
+    @property
+    def takes_mask(self) -> bool:  # type: ignore[override]
+        return self.signature.takes_mask
 
-    def generate(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, **options: Any
-    ) -> Tensor:
-        """The prompt followed by the new tokens, (B, N + new), as Hugging Face's ``generate``.
-
-        Options as for :meth:`RewrittenModel.generate
-        <attnrewrite.rewriter.rewrite.RewrittenModel.generate>`: ``max_new_tokens`` (20),
-        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``pad_token_id``, ``seed``, ``check``. Pad prompts on the left.
-        """
-        tokens = list(self.stream(input_ids, attention_mask, **options))
-        if not tokens:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+    def _runners(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        return self._prefill, self._step
 
 
 def _read_signature(path: Path) -> DecodeSignature:
