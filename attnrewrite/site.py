@@ -78,6 +78,9 @@ class AttentionSite:
             q·kᵀ contracts the token axis, so the "queries" and "keys" are feature channels and
             ``head_dim`` is the token count. Detected from symbolic sizes: the contracted axis
             has the captured sequence length, the query/key axes a fixed size.
+        window: for a ``general`` mask proven to be causal with a sliding window (query i sees
+            keys i - window < j <= i, plus at most a key-only term), the window; ``None``
+            otherwise. The exact decode keeps the last ``window`` keys.
     """
 
     name: str
@@ -98,6 +101,7 @@ class AttentionSite:
     upcast: bool = False
     notes: tuple[str, ...] = ()
     attends_over: str = "tokens"
+    window: int | None = None
 
     def replace(self, **changes: Any) -> AttentionSite:
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import sympy
@@ -43,20 +44,25 @@ class Canonicalize:
     """Insert one canonical ``attention`` node per accepted site."""
 
     name: ClassVar[str] = "canonicalize"
-    matches: tuple[SiteMatch, ...]
+    #: The sites to canonicalise; in a pipeline, by default the ``select`` pass's ``accepted``.
+    matches: tuple[SiteMatch, ...] | None = None
     #: Sites lowered to an exact variant: they keep the model's own dense mask (so a fully masked
-    #: row computes what the original computes, whatever fill value the model used).
-    dense_masks: frozenset[str] = frozenset()
+    #: row computes what the original computes, whatever fill value the model used); by default
+    #: the ``select`` pass's ``exact``.
+    dense_masks: frozenset[str] | None = None
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, results: Mapping[str, Any] | None = None) -> PassResult:
+        chosen = results["select"].stats if results and "select" in results else {}
+        matches = self.matches if self.matches is not None else chosen.get("accepted", ())
+        dense_masks = self.dense_masks if self.dense_masks is not None else chosen.get("exact", ())
         rows = _Rows(MaskAnalysis(gm))
         failed: dict[str, str] = {}
         outputs: dict[str, tuple[fx.Node, fx.Node]] = {}
-        for match in self.matches:
+        for match in matches:
             before = match.output
             try:
                 problem = canonicalize_site(
-                    gm.graph, match, rows, dense=match.site.name in self.dense_masks
+                    gm.graph, match, rows, dense=match.site.name in dense_masks
                 )
             except Exception as exc:  # noqa: BLE001 - one site's failure must not stop the others
                 problem = f"internal error ({type(exc).__name__}: {exc})"
@@ -143,6 +149,7 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     if match.value.factor != 1.0:
         # A constant factor on the values (v·c) was walked through like a scale; keep it.
         v = emit.call(aten.mul.Tensor, v, match.value.factor)
+    q, k, v = _common_batch(emit, q, k, v)
     rows.lengths = (_length(emit, q), _length(emit, k))
     anchor_val = match.anchor.meta.get("val")
     rows.device = anchor_val.device if isinstance(anchor_val, torch.Tensor) else None
@@ -163,6 +170,24 @@ def _build(emit: Emitter, match: SiteMatch, rows: _Rows, dense: bool = False) ->
     )
     node.meta[SITE_META] = site
     return _restore_output(emit, node, match, heads)
+
+
+def _common_batch(emit: Emitter, *xs: fx.Node) -> list[fx.Node]:
+    """Expand operands broadcast over the batch (a learned pooling query, learned memory keys:
+    batch 1) to the others' batch, so every variant sees q, k, v of one batch size."""
+    sizes = [G.shape(x)[0] for x in xs]
+    batched = next((x for x, size in zip(xs, sizes) if not G.is_one(size)), None)
+    if batched is None:
+        return list(xs)
+    out = []
+    for x, size in zip(xs, sizes):
+        if G.is_one(size):
+            batch = G.shape(batched)[0]
+            if not isinstance(batch, int):
+                batch = emit.call(aten.sym_size.int, batched, 0)
+            x = emit.call(aten.expand.default, x, [batch, -1, -1, -1])
+        out.append(x)
+    return out
 
 
 def _length(emit: Emitter, x: fx.Node) -> Any:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import fx
 
 from attnrewrite.passes import graph as G
-from attnrewrite.passes.base import PassResult
+from attnrewrite.passes.base import AliasClasses, PassResult, written_nodes
 from attnrewrite.passes.mask_analysis import (
     AbstractValue,
     MaskAnalysis,
@@ -187,8 +187,8 @@ class FindAttention:
 
     name: ClassVar[str] = "find"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        found = find_sites(gm)
+    def __call__(self, gm: fx.GraphModule, results: Mapping[str, Any] | None = None) -> PassResult:
+        found = _refuse_sites_written_in_place(gm, find_sites(gm))
         return PassResult(
             gm,
             False,
@@ -215,7 +215,90 @@ def find_sites(gm: fx.GraphModule) -> FindResult:
             reason = f"internal error while analysing it ({type(exc).__name__}: {exc}); left as is"
             rejected.append(Rejected(node.name, G.module_path(node), reason, "find-error"))
     _name_sites(matches)
+    for m in matches:
+        if m.site.mask is MaskClass.GENERAL:
+            window = MaskAnalysis.sliding_window(m.mask_value)
+            if window is not None:
+                object.__setattr__(m, "site", m.site.replace(window=window))
     return FindResult(matches, rejected)
+
+
+def _refuse_sites_written_in_place(gm: fx.GraphModule, found: FindResult) -> FindResult:
+    """Mark sites whose intermediate tensors (scores, probabilities) are written in place.
+
+    The finder reads dataflow; a write into a view of the scores (timm MViTv2 adds its
+    relative-position bias into ``attn[:, :, 1:, 1:]``) changes them without being an input of
+    the softmax, and canonicalisation would drop it. Such a site is refused with a reason.
+    Aliasing is torch's (``AliasClasses``: fake-tensor storages and op schemas).
+    """
+    nodes = list(gm.graph.nodes)
+    writes = {node: written for node in nodes if (written := written_nodes(node))}
+    if not writes:
+        return found
+    position = {node: i for i, node in enumerate(nodes)}
+    alias = AliasClasses(nodes)
+    matches = []
+    for match in found.matches:
+        operands = [op.source for op in (match.query, match.key, match.value) if op is not None]
+        sources = operands or list(match.anchor.all_input_nodes)
+        end = position[match.output]
+        inside = _between(sources, match.output, position)
+        classes = {alias.find(node) for node in inside | set(sources)}
+        # Writes before the score product are read by the model and by the canonical form alike
+        # (the canonical q, k, v are read right before the site's output): DeepSeek's MLA fills
+        # a preallocated q in place. Only writes after the product can change what the site saw.
+        start = position[_score_product(match) or min(sources, key=position.__getitem__)]
+        writer = next(
+            (
+                node
+                for node, written in writes.items()
+                # A write on the path itself (T5's ``scores += position_bias``) is dataflow the
+                # finder analysed; only writes beside the path are hidden from it.
+                if start < position[node] < end
+                and node not in inside
+                and any(alias.find(w) in classes for w in written)
+            ),
+            None,
+        )
+        if writer is not None and not match.canonical_problem:
+            match = dataclasses.replace(
+                match,
+                canonical_problem=(
+                    f"`{writer.name}` writes in place into a tensor computed inside the site "
+                    "(e.g. a bias added into a view of the scores); such writes are not "
+                    "analysed, so the site is left as it is"
+                ),
+            )
+        matches.append(match)
+    return FindResult(matches, found.rejected)
+
+
+def _score_product(match: SiteMatch) -> fx.Node | None:
+    """The node computing q·kᵀ (the sdpa call itself for sdpa sites)."""
+    if match.query is None or match.key is None or match.anchor is match.output:
+        return match.anchor if match.anchor is match.output else None
+    key = match.key.node
+    return next((u for u in match.query.node.users if key in u.all_input_nodes), None)
+
+
+def _between(sources: list[fx.Node], output: fx.Node, position: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on a dataflow path from ``sources`` to ``output``, both ends excluded."""
+    start = min(position[s] for s in sources)
+    after: set[fx.Node] = set(sources)
+    for node in sorted(position, key=position.__getitem__):
+        if start < position[node] <= position[output] and any(
+            i in after for i in node.all_input_nodes
+        ):
+            after.add(node)
+    before: set[fx.Node] = set()
+    pending = [output]
+    while pending:
+        node = pending.pop()
+        if node in before or position[node] < start:
+            continue
+        before.add(node)
+        pending.extend(node.all_input_nodes)
+    return (after & before) - set(sources) - {output}
 
 
 def _name_sites(matches: list[SiteMatch]) -> None:
@@ -251,8 +334,6 @@ class ScoreLayout:
     query_axis: int
     #: Said in the site's notes (empty for the usual layout).
     note: str = ""
-    #: A query axis of size 1 makes the softmax a pooling over the sequence, not attention.
-    one_query_pools: bool = False
 
     @property
     def key_last(self) -> bool:
@@ -264,13 +345,13 @@ SCORE_LAYOUTS: tuple[ScoreLayout, ...] = (
     ScoreLayout("q·kᵀ over the last axis", key_axis=-1, query_axis=-2),
     # Key-major scores k·qᵀ, (…, key, query), normalised over the keys by softmax(dim=-2); the value
     # product contracts axis −2 (pᵀ·v, or an einsum naming it). A (…, N, 1) column of scores
-    # softmaxed over N is softmax pooling (one score per token, no query): not taken as attention.
+    # softmaxed over N and applied to values is softmax pooling: attention with one query (the
+    # scoring vector), the same computation as a learned pooling query in the first layout.
     ScoreLayout(
         "kᵀ·q over axis -2",
         key_axis=-2,
         query_axis=-1,
         note="key-major scores (k·qᵀ, softmax over dim -2)",
-        one_query_pools=True,
     ),
 )
 
@@ -398,11 +479,6 @@ def _layout_of(scores: fx.Node, dim: int, rank: int) -> ScoreLayout:
         raise NotAttention(
             f"softmax over axis {dim} of a rank-{rank} input, not the key axis of any score "
             f"layout ({known})"
-        )
-    if layout.one_query_pools and G.is_one(G.shape(scores)[rank + layout.query_axis]):
-        raise NotAttention(
-            "softmax over a single column of scores: softmax pooling over the sequence, "
-            "not attention"
         )
     return layout
 
@@ -629,6 +705,8 @@ def _folded_heads(operand: Operand, letter: str) -> int | None:
     in the matching group of that reshape the first input axis is the batch, so
     H = (elements of the input group) / (batch · the other output axes of the group).
     """
+    if letter not in operand.letters:
+        return None  # the operand is broadcast over the batch (a learned query): nothing folded
     node, axis = operand.node, operand.letters.index(letter)
     for _ in range(FOLDED_HEADS_CHAIN_LIMIT):
         name = G.op_name(node)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import fx, nn
 
@@ -30,10 +31,16 @@ def module_key(site_name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LowerToVariants:
-    name: ClassVar[str] = "lower"
-    modules: dict[str, nn.Module]
+    """Swap canonical nodes for their variant modules (site name -> module; in a pipeline, by
+    default the ``select`` pass's ``modules``). Canonical nodes without a module stay."""
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    name: ClassVar[str] = "lower"
+    modules: dict[str, nn.Module] | None = None
+
+    def __call__(self, gm: fx.GraphModule, results: Mapping[str, Any] | None = None) -> PassResult:
+        modules = self.modules
+        if modules is None:
+            modules = results["select"].stats["modules"] if results and "select" in results else {}
         holder = getattr(gm, VARIANTS_ATTR, None)
         if holder is None:
             holder = nn.Module()
@@ -43,7 +50,7 @@ class LowerToVariants:
             if not is_attention(node):
                 continue
             site = site_of(node)
-            module = self.modules.get(site.name)
+            module = modules.get(site.name)
             if module is None:
                 continue
             key = module_key(site.name)

@@ -257,6 +257,22 @@ def _safe(fn: Callable[..., Any], *xs: Any) -> Any:
         return "error"
 
 
+#: Constant-filled tensor constructors and the value each fills with (``None``: read from the
+#: call's ``fill_value``/``s`` argument).
+_FILL_VALUES: dict[str, Any] = {
+    "zeros": 0,
+    "ones": 1,
+    "new_ones": 1,
+    "new_zeros": 0,
+    "zeros_like": 0,
+    "ones_like": 1,
+}
+_FILLS = (*_FILL_VALUES, "full", "scalar_tensor", "new_full", "full_like", "empty_like")
+
+#: One abstract evaluation rule: (analysis, node, op name, shape, rank) -> value or ``None``.
+Rule = Callable[["MaskAnalysis", fx.Node, str, Any, int], "AbstractValue | None"]
+
+
 class MaskAnalysis:
     """Abstract interpretation of mask subgraphs of one graph module (results are memoised)."""
 
@@ -303,6 +319,9 @@ class MaskAnalysis:
         neutral = True if boolean else 0.0
         if av.index is not None or av.diff is not None:
             return MaskClass.GENERAL, "the mask is a position tensor"
+        window = MaskAnalysis.sliding_window(av, boolean=boolean)
+        if window is not None:
+            return MaskClass.GENERAL, f"causal with a sliding window of {window} keys"
         causal = False
         for c in av.cmps:
             if (c.a, c.b, c.c) == (k_axis, q_axis, 0):
@@ -322,6 +341,27 @@ class MaskAnalysis:
             return (MaskClass.CAUSAL_KEY if has_key_term else MaskClass.CAUSAL), ""
         return (MaskClass.KEY if has_key_term else MaskClass.NONE), ""
 
+    @staticmethod
+    def sliding_window(av: AbstractValue | None, *, boolean: bool = False) -> int | None:
+        """w when the mask (aligned to (..., Nq, Nk)) keeps key j for query i exactly when
+        i - w < j <= i, together with at most a key-only term; ``None`` otherwise.
+
+        This is the sliding-window causal mask (Mistral, Gemma 2's local layers...): still the
+        ``general`` class for the variants, but the exact decode keeps only the last w keys.
+        """
+        if av is None or av.rank < 2 or av.index is not None or av.diff is not None:
+            return None
+        q_axis, k_axis = av.rank - 2, av.rank - 1
+        widths = [c.c + 1 for c in av.cmps if (c.a, c.b) == (q_axis, k_axis)]
+        if Cmp(k_axis, q_axis, 0) not in av.cmps or len(av.cmps) != 2 or len(widths) != 1:
+            return None
+        outside = _canon(av.off)
+        if widths[0] < 1 or not (outside is False if boolean else outside == MASKED):
+            return None
+        if q_axis in av.vary or (av.on is not None and _canon(av.on) == MASKED):
+            return None
+        return int(widths[0])
+
     # -- rules ----------------------------------------------------------------------------------
     def _eval(self, node: fx.Node) -> AbstractValue:
         shp = G.shape(node)
@@ -340,154 +380,135 @@ class MaskAnalysis:
         return out if out is not None else _dense(r, shp)
 
     def _rule(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
-        if shp is None:
+        """The rule for ``name`` in :data:`RULES` (``None``: no rule, the value is dense)."""
+        rule = RULES.get(name)
+        if shp is None or rule is None:
             return None
-        if name in COPIES:
-            return self.value(node.args[0])
-        if name in CASTS:
-            dt = G.dtype(node)
-            src = self.value(node.args[0])
-            if dt == torch.bool:
-                return self._map(src, bool)
-            if dt is not None and dt.is_floating_point:
-                return self._map(src, lambda v: float(v))
-            if src.index or src.diff:
-                return src
-            return self._map(src, lambda v: int(v) if not isinstance(v, bool) else int(v))
-        if name in (
-            "full",
-            "scalar_tensor",
-            "zeros",
-            "ones",
-            "new_ones",
-            "new_zeros",
-            "new_full",
-            "full_like",
-            "zeros_like",
-            "ones_like",
-            "empty_like",
-        ):
-            value = {
-                "zeros": 0,
-                "ones": 1,
-                "new_ones": 1,
-                "new_zeros": 0,
-                "zeros_like": 0,
-                "ones_like": 1,
-            }.get(name)
-            if value is None and name in ("full", "new_full", "full_like"):
-                value = G.scalar_value(G.arg(node, "fill_value"), self.gm)
-            if value is None and name == "scalar_tensor":
-                value = G.scalar_value(G.arg(node, "s"), self.gm)
-            if value is None:
-                return None
-            if G.dtype(node) == torch.bool:
-                value = bool(value)
-            return _const(value, r)
-        if name == "arange":
-            start = G.arg(node, "start", 0) if G.overload_name(node) != "default" else 0
-            step = G.arg(node, "step", 1) if G.overload_name(node) == "start_step" else 1
-            if not isinstance(start, int) or step != 1:
-                return None
-            return AbstractValue(rank=r, index=(0, start))
-        if name in ("tril", "triu"):
-            diagonal = G.arg(node, "diagonal", 0)
-            if not isinstance(diagonal, int) or r < 2:
-                return None
-            i_ax, j_ax = r - 2, r - 1
-            # tril keeps j - i <= d; triu keeps j - i >= d, i.e. i - j <= -d. Elsewhere: 0.
-            cmp = Cmp(j_ax, i_ax, diagonal) if name == "tril" else Cmp(i_ax, j_ax, -diagonal)
-            inner = self.value(node.args[0])
-            keep = AbstractValue(rank=r, cmps=frozenset({cmp}), on=True, off=False)
-            zero = False if G.dtype(node) == torch.bool else 0
-            return self._elementwise(
-                lambda k, x: x if k else zero, [keep, self._align(inner, r)], r, shp
-            )
-        if name in ("unsqueeze",):
-            src = self.value(node.args[0])
-            d = G.normalize_dim(G.arg(node, "dim"), r)
-            return _remap(src, {a: (a if a < d else a + 1) for a in range(src.rank)}, r, shp)
-        if name == "squeeze":
-            src_shape = G.shape(node.args[0])
-            dims = self._squeezed_dims(node, src_shape)
-            if dims is None:
-                return None
-            kept = [a for a in range(len(src_shape)) if a not in dims]
-            return _remap(self.value(node.args[0]), {a: i for i, a in enumerate(kept)}, r, shp)
-        if name in ("transpose",):
-            src = self.value(node.args[0])
-            d0 = G.normalize_dim(G.arg(node, "dim0"), r)
-            d1 = G.normalize_dim(G.arg(node, "dim1"), r)
-            m = {a: a for a in range(r)}
-            m[d0], m[d1] = d1, d0
-            return _remap(src, m, r, shp)
-        if name == "t" and r == 2:
-            return _remap(self.value(node.args[0]), {0: 1, 1: 0}, r, shp)
-        if name == "permute":
-            dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
-            return _remap(
-                self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp
-            )
-        if name in BROADCASTS:
-            src = self.value(node.args[0])
-            lead = r - src.rank
-            return _remap(src, {a: a + lead for a in range(src.rank)}, r, shp)
-        if name in REGROUPS:
-            src_shape = G.shape(node.args[0])
-            mapping = reshape_axis_map(src_shape, shp)
-            return _remap(self.value(node.args[0]), mapping, r, shp)
-        if name == "slice":
-            return self._slice(node, shp, r)
-        if name == "select":
-            src = self.value(node.args[0])
-            d = G.normalize_dim(G.arg(node, "dim"), src.rank)
-            mapping = {a: (a if a < d else a - 1) for a in range(src.rank) if a != d}
-            if src.index and src.index[0] == d:
-                return _const(None, r)
-            return _remap(src, mapping, r, shp)
-        if name == "index":
-            return self._index(node, shp, r)
-        if name == "diff":
-            return self._diff(node, r)
-        if name == "cumsum":
-            return self._cumsum(node, r)
-        if name in ("masked_fill",):
-            x, cond, v = node.args[0], node.args[1], node.args[2]
-            return self._nary(lambda a, c, f: f if c else a, [x, cond, v], shp, r)
-        if name == "where" and len(node.args) == 3:
-            return self._nary(_where, list(node.args), shp, r)
-        if name in COMPARISONS:
-            return self._compare(node, name, shp, r)
-        if name in ("add", "sub", "rsub"):
-            alpha = G.arg(node, "alpha", 1)
-            a, b = node.args[0], node.args[1]
-            ia, ib = self.value(a), self.value(b)
-            if name == "add" and alpha == 1:
-                pos = self._position_add(ia, ib, r, sign=1)
-                if pos is not None:
-                    return pos
-            if name == "sub" and alpha == 1:
-                pos = self._position_add(ia, ib, r, sign=-1)
-                if pos is not None:
-                    return pos
-            fn = _BINARY[name]
-            return self._nary(lambda x, y: fn(x, y, alpha), [a, b], shp, r)
-        if name in _BINARY:
-            return self._nary(_BINARY[name], [node.args[0], node.args[1]], shp, r)
-        if name in _UNARY:
-            return self._map(self.value(node.args[0]), _UNARY[name], shp)
-        if name == "clamp":
-            lo, hi = G.arg(node, "min", None), G.arg(node, "max", None)
-            return self._map(
-                self.value(node.args[0]),
-                lambda v: (
-                    min(max(v, lo) if lo is not None else v, hi)
-                    if hi is not None
-                    else (max(v, lo) if lo is not None else v)
-                ),
-                shp,
-            )
-        return None
+        return rule(self, node, name, shp, r)
+
+    def _copy(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        return self.value(node.args[0])
+
+    def _cast(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        dt = G.dtype(node)
+        src = self.value(node.args[0])
+        if dt == torch.bool:
+            return self._map(src, bool)
+        if dt is not None and dt.is_floating_point:
+            return self._map(src, lambda v: float(v))
+        if src.index or src.diff:
+            return src
+        return self._map(src, lambda v: int(v) if not isinstance(v, bool) else int(v))
+
+    def _fill(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        value = _FILL_VALUES.get(name)
+        if value is None and name in ("full", "new_full", "full_like"):
+            value = G.scalar_value(G.arg(node, "fill_value"), self.gm)
+        if value is None and name == "scalar_tensor":
+            value = G.scalar_value(G.arg(node, "s"), self.gm)
+        if value is None:
+            return None
+        if G.dtype(node) == torch.bool:
+            value = bool(value)
+        return _const(value, r)
+
+    def _arange(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        start = G.arg(node, "start", 0) if G.overload_name(node) != "default" else 0
+        step = G.arg(node, "step", 1) if G.overload_name(node) == "start_step" else 1
+        if not isinstance(start, int) or step != 1:
+            return None
+        return AbstractValue(rank=r, index=(0, start))
+
+    def _triangle_op(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        diagonal = G.arg(node, "diagonal", 0)
+        if not isinstance(diagonal, int) or r < 2:
+            return None
+        i_ax, j_ax = r - 2, r - 1
+        # tril keeps j - i <= d; triu keeps j - i >= d, i.e. i - j <= -d. Elsewhere: 0.
+        cmp = Cmp(j_ax, i_ax, diagonal) if name == "tril" else Cmp(i_ax, j_ax, -diagonal)
+        inner = self.value(node.args[0])
+        keep = AbstractValue(rank=r, cmps=frozenset({cmp}), on=True, off=False)
+        zero = False if G.dtype(node) == torch.bool else 0
+        return self._elementwise(
+            lambda k, x: x if k else zero, [keep, self._align(inner, r)], r, shp
+        )
+
+    def _unsqueeze(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        src = self.value(node.args[0])
+        d = G.normalize_dim(G.arg(node, "dim"), r)
+        return _remap(src, {a: (a if a < d else a + 1) for a in range(src.rank)}, r, shp)
+
+    def _squeeze(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        src_shape = G.shape(node.args[0])
+        dims = self._squeezed_dims(node, src_shape)
+        if dims is None:
+            return None
+        kept = [a for a in range(len(src_shape)) if a not in dims]
+        return _remap(self.value(node.args[0]), {a: i for i, a in enumerate(kept)}, r, shp)
+
+    def _transpose(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        if name == "t":
+            return _remap(self.value(node.args[0]), {0: 1, 1: 0}, r, shp) if r == 2 else None
+        d0 = G.normalize_dim(G.arg(node, "dim0"), r)
+        d1 = G.normalize_dim(G.arg(node, "dim1"), r)
+        m = {a: a for a in range(r)}
+        m[d0], m[d1] = d1, d0
+        return _remap(self.value(node.args[0]), m, r, shp)
+
+    def _permute(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        dims = [G.normalize_dim(d, r) for d in G.arg(node, "dims")]
+        return _remap(self.value(node.args[0]), {old: new for new, old in enumerate(dims)}, r, shp)
+
+    def _broadcast(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        src = self.value(node.args[0])
+        lead = r - src.rank
+        return _remap(src, {a: a + lead for a in range(src.rank)}, r, shp)
+
+    def _regroup(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        mapping = reshape_axis_map(G.shape(node.args[0]), shp)
+        return _remap(self.value(node.args[0]), mapping, r, shp)
+
+    def _select(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        src = self.value(node.args[0])
+        d = G.normalize_dim(G.arg(node, "dim"), src.rank)
+        mapping = {a: (a if a < d else a - 1) for a in range(src.rank) if a != d}
+        if src.index and src.index[0] == d:
+            return _const(None, r)
+        return _remap(src, mapping, r, shp)
+
+    def _masked_fill(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        x, cond, v = node.args[0], node.args[1], node.args[2]
+        return self._nary(lambda a, c, f: f if c else a, [x, cond, v], shp, r)
+
+    def _where_op(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        return self._nary(_where, list(node.args), shp, r) if len(node.args) == 3 else None
+
+    def _add_sub(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        """Positions plus or minus positions or constants stay positions; otherwise values."""
+        alpha = G.arg(node, "alpha", 1)
+        a, b = node.args[0], node.args[1]
+        if name in ("add", "sub") and alpha == 1:
+            sign = 1 if name == "add" else -1
+            pos = self._position_add(self.value(a), self.value(b), r, sign=sign)
+            if pos is not None:
+                return pos
+        fn = _BINARY[name]
+        return self._nary(lambda x, y: fn(x, y, alpha), [a, b], shp, r)
+
+    def _binary(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        return self._nary(_BINARY[name], [node.args[0], node.args[1]], shp, r)
+
+    def _unary(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        return self._map(self.value(node.args[0]), _UNARY[name], shp)
+
+    def _clamp(self, node: fx.Node, name: str, shp: Any, r: int) -> AbstractValue | None:
+        lo, hi = G.arg(node, "min", None), G.arg(node, "max", None)
+
+        def clamp(v: Any) -> Any:
+            v = max(v, lo) if lo is not None else v
+            return min(v, hi) if hi is not None else v
+
+        return self._map(self.value(node.args[0]), clamp, shp)
 
     # -- leaves ---------------------------------------------------------------------------------
     def _constant_tensor(self, node: fx.Node, shp: Any) -> AbstractValue:
@@ -840,6 +861,41 @@ class MaskAnalysis:
         dims = G.arg(node, "dim")
         dims = dims if isinstance(dims, (list, tuple)) else [dims]
         return {G.normalize_dim(d, n) for d in dims if G.is_one(src_shape[G.normalize_dim(d, n)])}
+
+
+#: Abstract evaluation rule per op name (overload-free ATen or Python name): one entry per op
+#: family, each a method of :class:`MaskAnalysis` returning the op's abstract value or ``None``
+#: ("not understood": the value is dense, i.e. ``general``). An op with no entry is dense too.
+#: Extending the analysis is one entry here and, if needed, one method.
+RULES: dict[str, Rule] = {}
+for _names, _rule in (
+    (COPIES, MaskAnalysis._copy),
+    (CASTS, MaskAnalysis._cast),
+    (_FILLS, MaskAnalysis._fill),
+    (("arange",), MaskAnalysis._arange),
+    (("tril", "triu"), MaskAnalysis._triangle_op),
+    (("unsqueeze",), MaskAnalysis._unsqueeze),
+    (("squeeze",), MaskAnalysis._squeeze),
+    (("transpose", "t"), MaskAnalysis._transpose),
+    (("permute",), MaskAnalysis._permute),
+    (BROADCASTS, MaskAnalysis._broadcast),
+    (REGROUPS, MaskAnalysis._regroup),
+    (("slice",), lambda self, node, name, shp, r: self._slice(node, shp, r)),
+    (("select",), MaskAnalysis._select),
+    (("index",), lambda self, node, name, shp, r: self._index(node, shp, r)),
+    (("diff",), lambda self, node, name, shp, r: self._diff(node, r)),
+    (("cumsum",), lambda self, node, name, shp, r: self._cumsum(node, r)),
+    (("masked_fill",), MaskAnalysis._masked_fill),
+    (("where",), MaskAnalysis._where_op),
+    (COMPARISONS, MaskAnalysis._compare),
+    (("add", "sub", "rsub"), MaskAnalysis._add_sub),
+    (_BINARY, MaskAnalysis._binary),
+    (_UNARY, MaskAnalysis._unary),
+    (("clamp",), MaskAnalysis._clamp),
+):
+    for _name in _names:
+        RULES.setdefault(_name, _rule)  # the first family that names an op owns it
+del _names, _rule, _name
 
 
 def reshape_groups(src: Sequence[Any], dst: Sequence[Any]) -> list[tuple[list[int], list[int]]]:

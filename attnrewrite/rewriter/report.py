@@ -67,7 +67,7 @@ class Report:
                     "kind": s.kind,
                     "shape": f"H={s.num_heads} kv={s.num_kv_heads} d={s.head_dim} "
                     f"Nq={s.query_len} Nk={s.key_len}",
-                    "mask": str(s.mask),
+                    "mask": str(s.mask) + (f" (window {s.window})" if s.window else ""),
                     "causal": "yes" if s.causal else "no",
                     "cross": "yes" if s.is_cross else "no",
                     "scale": f"{s.scale:.4g}",

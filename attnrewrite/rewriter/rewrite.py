@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
@@ -17,13 +17,14 @@ from attnrewrite.errors import (
     UnknownVariantError,
     VariantOptionError,
 )
-from attnrewrite.passes.base import AliasClasses, dead_code_elimination, written_nodes
+from attnrewrite.passes.base import PassResult
 from attnrewrite.passes.canonicalize import Canonicalize
-from attnrewrite.passes.find_attention import FindAttention, FindResult, SiteMatch
+from attnrewrite.passes.find_attention import FindAttention, SiteMatch
 from attnrewrite.passes.lower import VARIANTS_ATTR, LowerToVariants
+from attnrewrite.passes.pipeline import DeadCodeElimination, Named, Pass, Pipeline
 from attnrewrite.rewriter.capture import Captured, capture, default_positions
 from attnrewrite.rewriter.report import Report, SiteRow, Status
-from attnrewrite.site import AttentionSite
+from attnrewrite.site import AttentionSite, Rejected
 from attnrewrite.variants import get_variant, variant_names
 from attnrewrite.variants.base import AttentionVariant
 
@@ -31,91 +32,31 @@ SiteSelector = str | Iterable[str] | Callable[[AttentionSite], bool] | None
 VariantSpec = str | Mapping[str, str]
 
 
-def _prepare(model: Any, args: Any, kwargs: Any) -> tuple[Captured, FindResult]:
-    captured = capture(model, args, kwargs)
-    gm = captured.graph_module
-    dead_code_elimination(gm)  # unused attention weights must not count as escaping
-    found = FindAttention()(gm)
-    result = FindResult(found.stats["matches"], list(found.diagnostics))
-    return captured, _refuse_sites_written_in_place(gm, result)
+#: What ``find_attention`` runs, and the start of every rewrite: dead-code elimination first (so
+#: unused attention weights do not count as escaping), then the finder.
+FIND_PASSES: tuple[Pass, ...] = (Named(DeadCodeElimination(), "dce-before-find"), FindAttention())
 
 
-def _refuse_sites_written_in_place(gm: fx.GraphModule, found: FindResult) -> FindResult:
-    """Mark sites whose intermediate tensors (scores, probabilities) are written in place.
+def _pipeline(
+    model: Any, captured: Captured, select: SelectVariants, *, lower: bool, check: bool, debug: bool
+) -> Pipeline:
+    """The rewrite, declared once: find → decide → canonicalise → (check) → lower → clean up.
 
-    The finder reads dataflow; a write into a view of the scores (timm MViTv2 adds its
-    relative-position bias into ``attn[:, :, 1:, 1:]``) changes them without being an input of
-    the softmax, and canonicalisation would drop it. Such a site is refused with a reason.
-    Aliasing is torch's (``AliasClasses``: fake-tensor storages and op schemas).
+    ``ar.canonicalize`` is the same pipeline without ``lower``; ``check``/``debug`` add the parity
+    check of the canonical graph against the original (run before lowering, while the replaced
+    nodes are still in the graph).
     """
-    nodes = list(gm.graph.nodes)
-    writes = {node: written for node in nodes if (written := written_nodes(node))}
-    if not writes:
-        return found
-    position = {node: i for i, node in enumerate(nodes)}
-    alias = AliasClasses(nodes)
-    matches = []
-    for match in found.matches:
-        operands = [op.source for op in (match.query, match.key, match.value) if op is not None]
-        sources = operands or list(match.anchor.all_input_nodes)
-        end = position[match.output]
-        inside = _between(sources, match.output, position)
-        classes = {alias.find(node) for node in inside | set(sources)}
-        # Writes before the score product are read by the model and by the canonical form alike
-        # (the canonical q, k, v are read right before the site's output): DeepSeek's MLA fills
-        # a preallocated q in place. Only writes after the product can change what the site saw.
-        start = position[_score_product(match) or min(sources, key=position.__getitem__)]
-        writer = next(
-            (
-                node
-                for node, written in writes.items()
-                # A write on the path itself (T5's ``scores += position_bias``) is dataflow the
-                # finder analysed; only writes beside the path are hidden from it.
-                if start < position[node] < end
-                and node not in inside
-                and any(alias.find(w) in classes for w in written)
-            ),
-            None,
-        )
-        if writer is not None and not match.canonical_problem:
-            match = dataclasses.replace(
-                match,
-                canonical_problem=(
-                    f"`{writer.name}` writes in place into a tensor computed inside the site "
-                    "(e.g. a bias added into a view of the scores); such writes are not "
-                    "analysed, so the site is left as it is"
-                ),
-            )
-        matches.append(match)
-    return FindResult(matches, found.rejected)
-
-
-def _score_product(match: SiteMatch) -> fx.Node | None:
-    """The node computing q·kᵀ (the sdpa call itself for sdpa sites)."""
-    if match.query is None or match.key is None or match.anchor is match.output:
-        return match.anchor if match.anchor is match.output else None
-    key = match.key.node
-    return next((u for u in match.query.node.users if key in u.all_input_nodes), None)
-
-
-def _between(sources: list[fx.Node], output: fx.Node, position: dict[fx.Node, int]) -> set[fx.Node]:
-    """Nodes on a dataflow path from ``sources`` to ``output``, both ends excluded."""
-    start = min(position[s] for s in sources)
-    after: set[fx.Node] = set(sources)
-    for node in sorted(position, key=position.__getitem__):
-        if start < position[node] <= position[output] and any(
-            i in after for i in node.all_input_nodes
-        ):
-            after.add(node)
-    before: set[fx.Node] = set()
-    pending = [output]
-    while pending:
-        node = pending.pop()
-        if node in before or position[node] < start:
-            continue
-        before.add(node)
-        pending.extend(node.all_input_nodes)
-    return (after & before) - set(sources) - {output}
+    return Pipeline(
+        (
+            *FIND_PASSES,
+            select,
+            Canonicalize(),
+            *((CheckParity(model, captured, verbose=debug),) if check or debug else ()),
+            *((LowerToVariants(),) if lower else ()),
+            DeadCodeElimination(),
+        ),
+        lint=debug,
+    )
 
 
 def find_attention(
@@ -130,16 +71,17 @@ def find_attention(
 
     The model is not modified.
     """
-    captured, found = _prepare(model, args, kwargs)
+    found = Pipeline(FIND_PASSES)(capture(model, args, kwargs).graph_module)
     if debug:
-        _print_rejected(found)
-    return [m.site for m in found.matches]
+        _print_rejected(found.diagnostics)
+    return [m.site for m in found["find"].stats["matches"]]
 
 
-def _print_rejected(found: FindResult) -> None:
-    for r in found.rejected:
-        where = f" ({r.module})" if r.module else ""
-        print(f"[attnrewrite] {r.node}{where}: not attention: {r.reason}")
+def _print_rejected(rejected: Iterable[Rejected]) -> None:
+    for r in rejected:
+        if r.stage in ("find", "find-error"):
+            where = f" ({r.module})" if r.module else ""
+            print(f"[attnrewrite] {r.node}{where}: not attention: {r.reason}")
 
 
 class RewrittenModel(nn.Module):
@@ -441,63 +383,89 @@ def _run(
     classes = [get_variant(n) for n in names]
     _check_options(classes, options)
 
-    captured, found = _prepare(model, args, kwargs)
-    gm = captured.graph_module
-    rows: list[SiteRow] = []
-    accepted: list[SiteMatch] = []
-    modules: dict[str, nn.Module] = {}
-    for match in found.matches:
-        site = match.site
-        name = _variant_for(site, variant) if _selected(site, sites) else None
-        if name is None:
-            rows.append(SiteRow(site.name, site, "-", Status.SKIPPED, "not selected"))
-            continue
-        cls = get_variant(name)
-        own = {k: v for k, v in options.items() if k in cls.option_names()}
-        reason = _refusal(match, cls, own)
-        if reason:
-            rows.append(SiteRow(site.name, site, name, Status.SKIPPED, reason))
-            continue
-        modules[site.name] = cls(site, seed=_site_seed(seed, site.name), **own)
-        accepted.append(match)
-        if lower:
-            rows.append(SiteRow(site.name, site, name, Status.REWRITTEN))
-        else:
-            rows.append(SiteRow(site.name, site, "attention", Status.CANONICAL))
-
-    if debug:
-        _print_rejected(found)
-    exact = frozenset(
-        m.site.name for m in accepted if getattr(modules[m.site.name], "exact", False)
+    captured = capture(model, args, kwargs)
+    select = SelectVariants(variant, sites, seed, options, lower)
+    done = _pipeline(model, captured, select, lower=lower, check=check, debug=debug)(
+        captured.graph_module
     )
-    canon = Canonicalize(tuple(accepted), dense_masks=exact)(gm)
-    failed = canon.stats["failed"]
-    if debug or check:
-        gm.graph.lint()
-        gm.recompile()
-        _check_parity(model, gm, captured, canon.stats["outputs"], verbose=debug)
-    for i, row in enumerate(rows):
-        if row.name in failed:
-            rows[i] = SiteRow(
-                row.name,
-                row.site,
-                row.variant,
-                Status.SKIPPED,
-                f"could not canonicalise: {failed[row.name]}",
-            )
-            modules.pop(row.name, None)
-    if lower:
-        LowerToVariants(modules)(gm)
-    removed = dead_code_elimination(gm)
-    gm.graph.lint()
-    gm.recompile()
+    if debug:
+        _print_rejected(done.diagnostics)
+    failed = done["canonicalize"].stats["failed"]
+    rows = [
+        dataclasses.replace(
+            r, status=Status.SKIPPED, reason=f"could not canonicalise: {failed[r.name]}"
+        )
+        if r.name in failed
+        else r
+        for r in done["select"].stats["rows"]
+    ]
     report = Report(
         tuple(rows),
         tuple(captured.notes),
-        (("dead_nodes_removed", removed),),
-        rejected=tuple(found.rejected),
+        (("dead_nodes_removed", done["dce"].stats["removed"]),),
+        rejected=tuple(d for d in done.diagnostics if d.stage != "canonicalize"),
     )
-    return RewrittenModel(gm, report, captured)
+    return RewrittenModel(done.graph_module, report, captured)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectVariants:
+    """Decide per site (the policy; the graph is not changed): which variant, or why none.
+
+    Reads the ``find`` pass's matches. ``stats``: ``rows`` (one report row per site),
+    ``accepted`` (the matches to canonicalise), ``modules`` (site name -> variant module),
+    ``exact`` (sites whose variant is exact: they keep the model's dense mask).
+    """
+
+    name: ClassVar[str] = "select"
+    variant: VariantSpec
+    sites: SiteSelector
+    seed: int | None
+    options: Mapping[str, Any]
+    lower: bool = True
+
+    def __call__(self, gm: fx.GraphModule, results: Mapping[str, PassResult]) -> PassResult:
+        rows: list[SiteRow] = []
+        accepted: list[SiteMatch] = []
+        modules: dict[str, nn.Module] = {}
+        for match in results["find"].stats["matches"]:
+            site = match.site
+            name = _variant_for(site, self.variant) if _selected(site, self.sites) else None
+            if name is None:
+                rows.append(SiteRow(site.name, site, "-", Status.SKIPPED, "not selected"))
+                continue
+            cls = get_variant(name)
+            own = {k: v for k, v in self.options.items() if k in cls.option_names()}
+            reason = _refusal(match, cls, own)
+            if reason:
+                rows.append(SiteRow(site.name, site, name, Status.SKIPPED, reason))
+                continue
+            modules[site.name] = cls(site, seed=_site_seed(self.seed, site.name), **own)
+            accepted.append(match)
+            if self.lower:
+                rows.append(SiteRow(site.name, site, name, Status.REWRITTEN))
+            else:
+                rows.append(SiteRow(site.name, site, "attention", Status.CANONICAL))
+        exact = frozenset(n for n, m in modules.items() if getattr(m, "exact", False))
+        stats = {"rows": rows, "accepted": tuple(accepted), "modules": modules, "exact": exact}
+        return PassResult(gm, False, stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckParity:
+    """Run the canonical graph on the example next to the captured computation it replaced
+    (``canonicalize``'s ``outputs``) and the model; raise ``ParityError`` naming what differs."""
+
+    name: ClassVar[str] = "check"
+    model: Any
+    captured: Captured
+    verbose: bool = False
+
+    def __call__(self, gm: fx.GraphModule, results: Mapping[str, PassResult]) -> PassResult:
+        gm.recompile()
+        outputs = results["canonicalize"].stats["outputs"]
+        _check_parity(self.model, gm, self.captured, outputs, verbose=self.verbose)
+        return PassResult(gm, False, {"checked": len(outputs)})
 
 
 def _check_parity(

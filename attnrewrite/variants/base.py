@@ -87,6 +87,9 @@ class AttentionVariant(nn.Module):
         "on the whole sequence"
     )
 
+    #: Whether ``step`` keeps a sliding-window causal mask (``site.window``) exactly.
+    decodes_windows: ClassVar[bool] = False
+
     def decode_refusal(self) -> str | None:
         """Why this site cannot be decoded token by token with this variant (``None``: it can).
 
@@ -96,13 +99,18 @@ class AttentionVariant(nn.Module):
         if not self.state_names:
             return f"'{self.name}' {self.why_not_decodable}"
         site = self.site
-        if site.mask is MaskClass.GENERAL:
+        if site.mask is MaskClass.GENERAL and site.window is not None and not self.decodes_windows:
+            return (
+                f"its mask is causal with a sliding window of {site.window} keys, which "
+                f"'{self.name}' does not keep (the exact 'softmax' rewrite decodes it)"
+            )
+        if site.mask is MaskClass.GENERAL and site.window is None:
             return (
                 "its mask is not proven causal with a key-only term (a sliding window, a "
                 "relative-position bias, ...): the new token's mask row cannot be built from "
                 "what decoding stores"
             )
-        if not site.mask.is_causal:
+        if not site.mask.is_causal and site.window is None:
             return (
                 f"the site is not causal (mask class '{site.mask}'): every position attends to "
                 "later ones, so outputs change as tokens are added"

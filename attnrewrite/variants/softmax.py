@@ -27,6 +27,8 @@ class SoftmaxAttention(AttentionVariant):
     exact: ClassVar[bool] = True
     #: Decoding keeps a key/value cache: every key and value so far and each key's mask term.
     state_names: ClassVar[tuple[str, ...]] = ("keys", "values", "key_bias")
+    #: A sliding-window site keeps the last ``site.window`` keys (a query sees no older one).
+    decodes_windows: ClassVar[bool] = True
 
     def forward(
         self,
@@ -43,13 +45,23 @@ class SoftmaxAttention(AttentionVariant):
 
     def prefill(self, query, key, value, *, mask=None, causal=False, scale=1.0):
         out = self.forward(query, key, value, mask=mask, causal=causal, scale=scale)
-        return out, (key, value, key_bias(mask, key))
+        return out, self._window((key, value, key_bias(mask, key)))
 
     def step(self, query, key, value, state, *, mask=None, scale=1.0):
         keys, values, bias = state
         keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
         bias = append_bias(bias, key_bias(mask, key))
+        keys, values, bias = self._window((keys, values, bias))
         return one_row_attention(query, keys, values, bias, scale), (keys, values, bias)
+
+    def _window(self, cache: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The last ``site.window`` keys of a sliding-window site's cache (all of it otherwise):
+        the next query sees no older key, so keeping them would only cost memory."""
+        w = self.site.window
+        if w is None:
+            return cache
+        keys, values, bias = cache
+        return keys[:, :, -w:], values[:, :, -w:], bias[..., -w:]
 
 
 def one_row_attention(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float):

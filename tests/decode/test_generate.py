@@ -55,6 +55,11 @@ def _config(family: str):
         "bloom": (t.BloomForCausalLM, t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)),
         "falcon": (t.FalconForCausalLM, t.FalconConfig(**small, **common)),
         "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**small, **mlp, **common)),
+        # a window shorter than the prompt: the cache must drop keys as Mistral's does
+        "mistral": (
+            t.MistralForCausalLM,
+            t.MistralConfig(**small, **mlp, num_key_value_heads=2, sliding_window=4, **common),
+        ),
     }[family]
 
 
@@ -81,8 +86,19 @@ def _rewrite(model, variant="softmax", **options):
 
 # -- the exact rewrite generates what the model generates --------------------------------------
 
-FAMILIES = ["llama", "gpt2", "qwen2", "gemma", "phi", "opt", "bloom", "falcon", "gpt_neox"]
-SDPA_IN_CI = {"llama", "gpt2", "qwen2"}
+FAMILIES = [
+    "llama",
+    "gpt2",
+    "qwen2",
+    "gemma",
+    "phi",
+    "opt",
+    "bloom",
+    "falcon",
+    "gpt_neox",
+    "mistral",
+]
+SDPA_IN_CI = {"llama", "gpt2", "qwen2", "mistral"}
 
 
 def _family_params():
@@ -222,6 +238,20 @@ def test_non_decodable_variant_names_the_site(variant):
     ids, mask = _prompt()
     with pytest.raises(DecodeError, match=rewritten[0].replace(".", r"\.")):
         rw.generate(ids, mask, max_new_tokens=2)
+
+
+def test_sliding_window_site_is_decoded_exactly_and_refused_by_a_variant_without_it():
+    model = _model("mistral")
+    exact = _rewrite(model)
+    assert [r.site.window for r in exact.report.sites] == [4, 4]
+    ids, mask = _prompt()
+    plan = exact.decoder().plan
+    flat = exact.decoder()._flat(ids, mask, mask.cumsum(-1) - 1, 0)
+    state = list(plan.prefill(*flat))[plan.num_outputs :]
+    assert [keys.shape[2] for keys in state[0::3]] == [4, 4], "the cache keeps the window only"
+    local = _rewrite(model, "local", window=2)
+    with pytest.raises(DecodeError, match="sliding window of 4 keys"):
+        local.generate(ids, mask, max_new_tokens=2)
 
 
 def test_time_convolution_is_refused_naming_the_node():

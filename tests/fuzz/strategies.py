@@ -762,7 +762,6 @@ NOT_ATTENTION = (
     "classifier",  # softmax(x Wᵀ) returned as class probabilities
     "moe_router",  # softmax over experts, then a weighted sum of per-token expert outputs
     "moe_router_mul",  # the same weighted sum spelled as multiply-and-sum
-    "softmax_pooling",  # a softmax over the sequence of one score per token, pooling x
     "similarity_sum",  # softmax(x xᵀ) as a similarity matrix, summed
     "probs_gram",  # P Pᵀ: the probabilities multiplied with themselves
     "query_dependent_values",  # Σ_j P_ij V_ij: "values" that depend on the query as well
@@ -772,6 +771,8 @@ UNUSUAL_ATTENTION = (
     "kq_roles_swapped",  # softmax(k qᵀ) @ v_q: attention with the roles of q and k exchanged
     "channel_attention",  # XCiT cross-covariance attention: tokens are channels
     "learned_query_pooling",  # a learned query attending over the sequence (PMA, CLIP pool)
+    # the same computation spelled key-major: one score per token, softmax over the sequence
+    "softmax_pooling",
 )
 
 

@@ -33,6 +33,7 @@ class Case:
     dynamic: bool = True  # whether a different length can be used after capture
     refused: str = ""  # a site found but left as it is: a phrase of the reason
     over: str = "tokens"  # AttentionSite.attends_over of the first site
+    head_dim: int = 8  # the sites' head_dim and value_dim
     slow: bool = False  # a twin of a fast case, run with -m slow only (keeps the default run short)
 
 
@@ -319,12 +320,14 @@ class MoERouter(nn.Module):
 
 
 class SoftmaxPooling(nn.Module):
+    """One score per token (a learned scoring vector: the one query), softmax over the sequence."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.score = nn.Linear(D_MODEL, 1)
+        self.score = nn.Parameter(torch.randn(D_MODEL, 1) * 0.3)
 
     def forward(self, x):
-        w = self.score(x).softmax(dim=1)  # (B, N, 1) over the sequence
+        w = (x @ self.score).softmax(dim=1)  # (B, N, 1) over the sequence
         return w.transpose(1, 2) @ x  # (B, 1, D)
 
 
@@ -475,13 +478,15 @@ CASES: list[Case] = [
     Case("mha_seq_first", MHASeqFirst, _x, 1, ("none",)),
     Case("transformer_encoder_layer", EncoderLayer, _x_pad, 1, ("key",)),
     Case("transformer_decoder_layer", DecoderLayer, _x_cross, 2, ("causal", "none")),
+    # Softmax pooling (one score per token, softmax over the sequence, pᵀ·x): attention with one
+    # query, the same computation as a learned pooling query.
+    Case("softmax_pooling", SoftmaxPooling, _x, 1, ("none",), cross=True, head_dim=D_MODEL),
     # Not attention.
     Case("neg_softmax_query_axis", manual(softmax_query_axis), _x, 0),
     Case("neg_probs_transposed", manual(probs_transposed), _x, 0),
     Case("neg_no_value_product", manual(no_value_product), _x, 0),
     Case("neg_classifier", Classifier, _x, 0),
     Case("neg_moe_router", MoERouter, _x, 0),
-    Case("neg_softmax_pooling", SoftmaxPooling, _x, 0),
     Case("neg_similarity_softmax", SimilaritySoftmax, _x, 0),
 ]
 

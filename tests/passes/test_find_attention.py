@@ -36,7 +36,7 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
     for s in sites:
         assert s.num_heads == 4 or "heads folded into the batch" in s.notes
         if s.attends_over == "tokens":
-            assert s.head_dim == 8 and s.value_dim == 8
+            assert s.head_dim == case.head_dim and s.value_dim == case.head_dim
         assert s.causal == s.mask.is_causal
     if case.kv_heads is not None:
         assert sites[0].num_kv_heads == case.kv_heads

@@ -132,6 +132,24 @@ MASKS = {
         lambda s, x, pad: hf_causal(x, hf_positions(x), hf_packed_sequence(hf_positions(x) * 2)),
         "general",
     ),
+    # Sliding-window causal masks: general for the variants, with the window named on the site.
+    "sliding_window_arange": (
+        lambda s, x, pad: (pos(x)[1] <= pos(x)[0]) & (pos(x)[1] > pos(x)[0] - 3),
+        "general",
+    ),
+    "sliding_window_tril_triu": (
+        lambda s, x, pad: (
+            torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))
+            & torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), diagonal=-2)
+        ),
+        "general",
+    ),
+    "sliding_window_and_key": (
+        lambda s, x, pad: (
+            (pos(x)[0] - pos(x)[1] < 3) & (pos(x)[1] <= pos(x)[0]) & pad[:, None, None, :]
+        ),
+        "general",
+    ),
     # Provably trivial masks.
     "always_true": (lambda s, x, pad: pos(x)[0] >= 0, "none"),
 }
@@ -151,6 +169,19 @@ def test_mask_class(name: str) -> None:
     assert str(site.mask) == expected
     rw = ar.rewrite(model, "softmax", args=(x, extra))
     assert torch.allclose(rw(x, extra), model(x, extra), atol=1e-6, equal_nan=True)
+
+
+#: The sliding window each mask above proves (every other mask proves none).
+WINDOWS = {"sliding_window_arange": 3, "sliding_window_tril_triu": 3, "sliding_window_and_key": 3}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_sliding_window_is_proved_only_for_windowed_causal_masks(name: str) -> None:
+    make_mask, _ = MASKS[name]
+    x = torch.randn(2, 8, 4)
+    extra = torch.ones(*((2, 8, 8) if name == "dense_input" else (2, 8)), dtype=torch.bool)
+    (site,) = ar.find_attention(MaskedSDPA(make_mask), args=(x, extra))
+    assert site.window == WINDOWS.get(name)
 
 
 HF_DECODERS = {

@@ -132,19 +132,36 @@ class _ScoreColumnPooling(torch.nn.Module):
         return w.transpose(1, 2) @ x
 
 
-@pytest.mark.parametrize(
-    ("build", "reason"),
-    [
-        (_ScoreColumnPooling, "softmax pooling"),
-        (manual(softmax_query_axis), "does not contract the key axis"),
-    ],
-    ids=["score_column_pooling", "q_kT_softmax_over_queries"],
-)
-def test_key_major_look_alikes_are_not_attention(build, reason: str) -> None:
+class _LearnedQueryPooling(_ScoreColumnPooling):
+    """The same pooling spelled query-major: w as one learned query, softmax(wᵀ·xᵀ, dim=-1)·x."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.score.t().expand(x.shape[0], 1, -1)
+        return (query @ x.transpose(1, 2)).softmax(dim=-1) @ x
+
+
+def test_softmax_pooling_is_attention_with_one_query_in_either_layout() -> None:
+    """Softmax pooling and a learned pooling query are one computation: both are one site with a
+    single query, and the exact rewrite reproduces both at another shape."""
     torch.manual_seed(0)
-    model = build().eval()
+    column = _ScoreColumnPooling().eval()
+    learned = _LearnedQueryPooling().eval()
+    learned.load_state_dict(column.state_dict())
+    x, other = _x(2, 8), _x(3, 11)
+    torch.testing.assert_close(learned(*x), column(*x))
+    for model in (column, learned):
+        (site,) = ar.find_attention(model, args=x)
+        assert (site.query_len, site.head_dim, site.mask) == (1, D_MODEL, "none")
+        rw = ar.rewrite(model, "softmax", args=x)
+        torch.testing.assert_close(rw(*other), model(*other), rtol=1e-5, atol=1e-6)
+
+
+def test_key_major_look_alike_is_not_attention() -> None:
+    torch.manual_seed(0)
+    model = manual(softmax_query_axis)().eval()
     rw = ar.rewrite(model, "softmax", args=_x(2, 8))
     assert rw.report.sites == ()
+    reason = "does not contract the key axis"
     assert any(reason in row.reason for row in rw.report.rejected), rw.report.rejected
 
 
