@@ -140,7 +140,7 @@ def _cell(text: str, width: int = 90) -> str:
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
-    capturable = [r for r in rows if r["status"] in ("ok", "fail")]
+    capturable = [r for r in rows if r["status"] in ("ok", "fail", "model output NaN")]
     return {
         "tried": len(rows),
         "buildable": sum(r["status"] != "not buildable" for r in rows),
@@ -151,6 +151,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
         "parity ok": sum(r.get("parity") is not None and r["parity"] <= 1e-4 for r in capturable),
         "linear ok": sum(bool(r.get("linear_ok")) for r in capturable),
         "all checks ok": sum(r["status"] == "ok" for r in rows),
+        "model output NaN": sum(r["status"] == "model output NaN" for r in rows),
         "timeout/crash": sum(r["status"] in ("timeout", "crash") for r in rows),
     }
 
@@ -203,7 +204,11 @@ def render(rows: list[dict[str, Any]], command: str, wall: str, every_type: int 
         sites = "" if expected is None else f"{'-' if found is None else found} / {expected}"
         parity = "" if r.get("parity") is None else f"{r['parity']:.1e} ({r.get('parity_shape')})"
         linear = {True: "ok", False: "FAIL", None: ""}[r.get("linear_ok")]
-        why = r.get("reason") or "; ".join(r.get("failures") or [])
+        why = (
+            r.get("reason")
+            or "; ".join(r.get("failures") or [])
+            or "; ".join(n for n in r.get("notes") or [] if "dead code" in n)
+        )
         lines.append(
             f"| {r['name']} | {r['impl']} | {r['status']} | {sites} | {parity} | {linear} "
             f"| {_cell(r.get('default_cache', ''), 40)} | {r.get('seconds', 0):.0f} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import operator
 import warnings
 from typing import Any
 
@@ -355,11 +356,88 @@ def fake_tensors_in(model: nn.Module) -> list[str]:
 
 
 def _private_copy(program: torch.export.ExportedProgram) -> fx.GraphModule:
-    """The program's module with its own parameters and buffers (never the user's tensors)."""
+    """The program's module with its own parameters and buffers (never the user's tensors), with
+    grad-mode regions inlined (see :func:`inline_grad_mode_regions`)."""
     with warnings.catch_warnings():
         # torch's pytree specs warn about a deprecated isinstance check while being deep-copied.
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(program.module())
+        gm = copy.deepcopy(program.module())
+    inline_grad_mode_regions(gm)
+    return gm
+
+
+def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
+    """Inline ``wrap_with_set_grad_enabled`` regions (a ``with torch.no_grad():`` block inside the
+    forward, which torch.export keeps as a higher-order op around a subgraph) into the graph,
+    between ``torch._C._set_grad_enabled`` calls that set and then restore the grad mode.
+
+    The computation and its grad mode are unchanged; what changes is that the passes see the ops
+    inside (attention in a no-grad block, as in models that run recurrent cycles without
+    gradient, is found and rewritten like any other). Returns how many regions were inlined.
+    """
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    graph, inlined = gm.graph, 0
+    for node in list(graph.nodes):
+        if hop is None or node.op != "call_function" or node.target is not hop:
+            continue
+        enabled, body, *operands = node.args
+        sub = getattr(gm, str(body.target)) if body.op == "get_attr" else None
+        if not isinstance(sub, fx.GraphModule) or not isinstance(enabled, bool):
+            continue
+        prefix = f"{body.target}_"
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, operands))
+        with graph.inserting_before(node):
+            before = graph.call_function(torch.is_grad_enabled)
+            graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            outputs: Any = None
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = fx.map_arg(inner.args[0], env.__getitem__)
+                    continue
+                copied = graph.node_copy(inner, env.__getitem__)
+                if inner.op in ("get_attr", "call_module"):
+                    # the region's own attributes (nested regions, constants) move to the root
+                    flat = prefix + str(inner.target).replace(".", "_")
+                    _set_attr(gm, flat, _get_attr(sub, str(inner.target)))
+                    copied.target = flat
+                env[inner] = copied
+            graph.call_function(torch._C._set_grad_enabled, (before,))
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+        if node.users:  # a single (non-tuple) result
+            node.replace_all_uses_with(outputs)
+        graph.erase_node(node)
+        if not body.users:
+            graph.erase_node(body)
+        inlined += 1
+    if inlined:
+        graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _get_attr(root: nn.Module, path: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set_attr(root: nn.Module, name: str, value: Any) -> None:
+    if isinstance(value, nn.Parameter):
+        root.register_parameter(name, value)
+    elif isinstance(value, nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, torch.Tensor):
+        root.register_buffer(name, value)
+    else:
+        setattr(root, name, value)
 
 
 def _takes(forward: Any, name: str) -> bool:

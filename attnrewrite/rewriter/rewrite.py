@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -500,7 +501,7 @@ def _check_parity(
         if spec is not None
         else pytree.tree_leaves((captured.args, kwargs))
     )
-    with torch.no_grad():
+    with torch.no_grad(), _same_draws():
         Recorder(gm).run(*flat)
     wrong = []
     for name, (before, after) in outputs.items():
@@ -517,8 +518,10 @@ def _check_parity(
         )
     reference = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     with torch.no_grad():
-        want = pytree.tree_leaves(reference(*captured.args, **kwargs))
-        got = pytree.tree_leaves(gm(*captured.args, **kwargs))
+        with _same_draws():
+            want = pytree.tree_leaves(reference(*captured.args, **kwargs))
+        with _same_draws():
+            got = pytree.tree_leaves(gm(*captured.args, **kwargs))
     for a, b in zip(want, got):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             err = _relative_error(b, a)
@@ -535,11 +538,26 @@ def _check_parity(
         )
 
 
+@contextlib.contextmanager
+def _same_draws() -> Iterator[None]:
+    """Run with the global RNG at one fixed seed, restored afterwards: models that draw random
+    numbers in eval mode (MAE's random patch masking) draw the same in the model and the graph."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got − want| / max |want| over finite entries; non-finite entries must agree."""
+    """max |got − want| / max |want| over finite entries; non-finite entries must agree, except
+    where ``want`` is NaN: a query whose keys are all masked gets NaN from a hand-written softmax
+    and zeros from sdpa and the canonical op, and the NaN spreads from there (a model output that
+    is NaN at the example is undefined there, not a value to reproduce)."""
     got, want = got.detach().double(), want.detach().double()
     if got.shape != want.shape:
         return float("inf")
+    undefined = torch.isnan(want)
+    if undefined.any():
+        got, want = got.masked_fill(undefined, 0.0), want.masked_fill(undefined, 0.0)
     finite = torch.isfinite(want)
     if not torch.equal(finite, torch.isfinite(got)):
         return float("inf")

@@ -109,6 +109,14 @@ def div_sqrt(self, q, k, v):
     return F.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(HEAD_DIM), dim=-1).matmul(v)
 
 
+def in_no_grad_block(self, q, k, v):
+    """A ``with torch.no_grad():`` block in the forward (torch.export keeps it as a higher-order
+    op around a subgraph; recurrent-depth models run their early cycles so)."""
+    with torch.no_grad():
+        first = torch.softmax(q @ k.transpose(-2, -1) * S, dim=-1) @ v
+    return torch.softmax(first @ k.transpose(-2, -1) * S, dim=-1) @ v
+
+
 def scale_on_q(self, q, k, v):
     return (q * S @ k.transpose(-1, -2)).softmax(-1) @ v
 
@@ -478,6 +486,7 @@ CASES: list[Case] = [
     Case("mha_seq_first", MHASeqFirst, _x, 1, ("none",)),
     Case("transformer_encoder_layer", EncoderLayer, _x_pad, 1, ("key",)),
     Case("transformer_decoder_layer", DecoderLayer, _x_cross, 2, ("causal", "none")),
+    Case("in_no_grad_block", manual(in_no_grad_block), _x, 2, ("none", "none")),
     # Softmax pooling (one score per token, softmax over the sequence, pᵀ·x): attention with one
     # query, the same computation as a learned pooling query.
     Case("softmax_pooling", SoftmaxPooling, _x, 1, ("none",), cross=True, head_dim=D_MODEL),

@@ -201,3 +201,30 @@ def test_an_unexportable_cache_output_is_captured_with_use_cache_false() -> None
     captured = capture(model, (torch.randn(2, 3, 8),))
     assert captured.fixed_kwargs == {"use_cache": False}
     assert any("use_cache=False" in note for note in captured.notes)
+
+
+def test_no_grad_block_is_inlined_and_keeps_its_grad_mode():
+    """Attention inside ``with torch.no_grad():`` is found (the region is inlined between grad-mode
+    calls) and the rewritten model still computes that block without gradient."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = torch.nn.Linear(8, 8)
+            self.trained = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = (self.frozen(x) @ x.transpose(1, 2)).softmax(-1) @ x
+            return (self.trained(x) @ x.transpose(1, 2)).softmax(-1) @ x
+
+    torch.manual_seed(0)
+    model = Block().train()
+    x = torch.randn(2, 5, 8)
+    rw = ar.rewrite(model, "linear", (x,))
+    assert rw.report.counts() == {"rewritten": 2}
+    rw(torch.randn(3, 7, 8)).sum().backward()
+    grads = {name: p.grad is not None for name, p in rw.named_parameters()}
+    assert any(g for name, g in grads.items() if "trained" in name)
+    assert not any(g for name, g in grads.items() if "frozen" in name), grads
+    assert all(p.grad is None for p in model.parameters())
