@@ -822,12 +822,5 @@ def _root(attrs: dict[str, Any]) -> nn.Module:
             if not hasattr(holder, part):
                 holder.add_module(part, nn.Module())
             holder = getattr(holder, part)
-        if isinstance(obj, nn.Module):
-            holder.add_module(leaf, obj)
-        elif isinstance(obj, nn.Parameter):
-            holder.register_parameter(leaf, obj)
-        elif isinstance(obj, torch.Tensor):
-            holder.register_buffer(leaf, obj)
-        else:
-            setattr(holder, leaf, obj)
+        G.set_attr(holder, leaf, obj)
     return root

@@ -12,7 +12,7 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from attnrewrite.passes.vocab import SCALAR_COPIES
 
@@ -190,11 +190,24 @@ def scalar_value(x: Any, gm: fx.GraphModule | None = None) -> float | None:
     return None
 
 
-def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def fetch_attr(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def set_attr(holder: nn.Module, name: str, obj: Any) -> None:
+    """Put ``obj`` on ``holder`` as what it is: a submodule, a parameter, a buffer or a plain
+    attribute (``name`` has no dots)."""
+    if isinstance(obj, nn.Module):
+        holder.add_module(name, obj)
+    elif isinstance(obj, nn.Parameter):
+        holder.register_parameter(name, obj)
+    elif isinstance(obj, torch.Tensor):
+        holder.register_buffer(name, obj)
+    else:
+        setattr(holder, name, obj)
 
 
 def module_path(node: fx.Node) -> str:

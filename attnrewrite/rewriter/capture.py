@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from attnrewrite.errors import CaptureError, InputMismatchError
+from attnrewrite.passes import graph as G
 
 KeyPath = tuple[Any, ...]
 
@@ -402,7 +403,7 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
                 if inner.op in ("get_attr", "call_module"):
                     # the region's own attributes (nested regions, constants) move to the root
                     flat = prefix + str(inner.target).replace(".", "_")
-                    _set_attr(gm, flat, _get_attr(sub, str(inner.target)))
+                    G.set_attr(gm, flat, G.fetch_attr(sub, str(inner.target)))
                     copied.target = flat
                 env[inner] = copied
             graph.call_function(torch._C._set_grad_enabled, (before,))
@@ -420,24 +421,6 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return inlined
-
-
-def _get_attr(root: nn.Module, path: str) -> Any:
-    value: Any = root
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _set_attr(root: nn.Module, name: str, value: Any) -> None:
-    if isinstance(value, nn.Parameter):
-        root.register_parameter(name, value)
-    elif isinstance(value, nn.Module):
-        root.add_module(name, value)
-    elif isinstance(value, torch.Tensor):
-        root.register_buffer(name, value)
-    else:
-        setattr(root, name, value)
 
 
 def _takes(forward: Any, name: str) -> bool:
