@@ -492,7 +492,9 @@ def _check_parity(
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
             if n in watched:
-                seen[n] = result
+                # a copy: a later in-place op (Nyströmformer's ``context += conv(v)`` on the
+                # site's output) must not change what was recorded
+                seen[n] = result.clone() if isinstance(result, torch.Tensor) else result
             return result
 
     spec = getattr(gm, "_in_spec", None)

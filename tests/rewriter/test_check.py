@@ -94,3 +94,27 @@ def test_an_error_while_canonicalising_one_site_spares_the_others(monkeypatch) -
     assert by_name["<root>#1"].status == "rewritten"
     with torch.no_grad():
         assert torch.isfinite(rw(x)).all()
+
+
+class OutputUpdatedInPlace(Projections):
+    """The site's output updated in place afterwards (Nyströmformer: ``context += conv(v)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, kernel_size=(3, 1), padding=(1, 0), groups=4)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        out = (q @ k.transpose(-2, -1) * 0.3).softmax(-1) @ v
+        out += self.conv(v)
+        return self.merge(out)
+
+
+def test_check_compares_what_the_site_computed_before_later_in_place_updates() -> None:
+    torch.manual_seed(0)
+    model, x = OutputUpdatedInPlace().eval(), torch.randn(2, 8, D_MODEL)
+    rw = ar.rewrite(model, "softmax", (x,), check=True)
+    assert rw.report.counts() == {"rewritten": 1}
+    other = torch.randn(3, 11, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(rw(other), model(other), rtol=1e-5, atol=1e-6)

@@ -439,6 +439,8 @@ def _candidates(model: nn.Module, config: Any) -> list[tuple[str, int, Callable]
     """Input makers to try, in order: (description, example length, make(batch, length, seed))."""
     sig = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
+    if not isinstance(main, str):  # a model naming several main inputs (OneFormer): the first
+        main = main[0] if main else "input_ids"
     found: list[tuple[str, int, Callable]] = []
     if main == "input_ids" or main not in sig and "input_ids" in sig:
         for length in (8, 16, 64):
