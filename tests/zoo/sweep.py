@@ -118,6 +118,9 @@ class AttentionCounter:
     * Softmax-weighted mixtures whose weights are not a product of two activations are not
       counted: ConvBERT's dynamic convolution (weights from a linear layer), gates, routers.
       Scores computed without a matrix product (an elementwise product then a sum) are missed.
+    * Probabilities plus or minus other full-size data (GroupViT's straight-through hard
+      assignment, y_hard − y_soft.detach() + y_soft, whose value is a one-hot argmax) are no
+      longer probabilities: the taint stops there.
     * A softmax feeding a product with a parameter (a learned projection of probabilities) is
       not attention and is not counted; attention over a learned memory (keys and values
       parameters, as in some poolers) is missed for the same reason.
@@ -183,9 +186,16 @@ class AttentionCounter:
             if score_sizes and (layout or result.numel() in score_sizes):
                 self._scores[id(result)] = result  # masked, scaled, biased, cast, viewed scores
         sources = self._source(inputs)
-        if len(sources) != 1:
+        if len(sources) != 1 or name in _FRESH:
             return
         (source,) = sources
+        if name in _MIXES and any(
+            id(t) not in self._taint and t.is_floating_point() and t.numel() == out.numel()
+            for t in inputs
+        ):
+            # probabilities plus or minus other full-size data (a straight-through hard
+            # assignment, y_hard − y_soft.detach() + y_soft): no longer softmax probabilities
+            return
         numel = max(t.numel() for t in inputs if id(t) in self._taint)
         for result in results:
             if layout or result.numel() == numel:
@@ -218,6 +228,14 @@ class AttentionCounter:
             yield self
         self._taint.clear()
         self._scores.clear()
+
+
+#: Ops that read only the shape of their input: their result carries none of its values.
+_FRESH = frozenset(
+    {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"}
+)
+#: Elementwise ops that mix their operands additively (see ``AttentionCounter.on_dispatch``).
+_MIXES = frozenset({"add", "sub", "rsub", "add_", "sub_"})
 
 
 def count_attention(model: nn.Module, inputs: dict[str, Any]) -> AttentionCounter:

@@ -146,6 +146,16 @@ class _DynamicConvolution(nn.Module):
         return windows @ weights[:, : windows.shape[1]]
 
 
+class _HardAssignment(nn.Module):
+    """GroupViT's straight-through hard assignment: y_hard − y_soft.detach() + y_soft is a
+    one-hot argmax in the forward pass, not softmax probabilities."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        soft = (x @ x.transpose(1, 2)).softmax(-1)
+        hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+        return (hard - soft.detach() + soft) @ x
+
+
 class _Sdpa(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = x.unflatten(-1, (2, 8)).transpose(1, 2)
@@ -160,6 +170,7 @@ class _Sdpa(nn.Module):
         (_Router(), 0),
         (_ProbabilitiesIntoLinear(), 0),
         (_DynamicConvolution(), 0),
+        (_HardAssignment(), 0),
         (_Sdpa(), 1),  # its math fallback's own softmax is not counted again
         (nn.MultiheadAttention(16, 2, batch_first=True), 1),
     ],
@@ -168,6 +179,7 @@ class _Sdpa(nn.Module):
         "router",
         "softmax-linear",
         "dynamic-convolution",
+        "hard-assignment",
         "sdpa",
         "nn.MultiheadAttention",
     ],
