@@ -240,14 +240,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         f"hedgehog+window{w}": ("hedgehog", {"feature_dim": 64, "window": w, "global_tokens": 1})
         for w in (16, 32, 64)
     },
+    # The survey's learnable patterns and memories (issue 16), sized for 256 tokens: routing's
+    # centroids by k-means, sinkhorn's sorting network, set_transformer's inducing points and
+    # memory_compressed's strided convolution are what calibration fits.
+    "routing": ("routing", {"chunk_size": 32}),
+    "sinkhorn": ("sinkhorn", {"block_size": 32}),
+    "set_transformer": ("set_transformer", {"num_inducing": 32}),
+    "memory_compressed": ("memory_compressed", {"stride": 4}),
 }
 #: Calibrated by default (``--variants`` picks others, e.g. hedgehog+window16).
 DEFAULT_VARIANTS = ["hedgehog", "t2r", "linformer", "hedgehog+window32", "hedgehog+window64"]
 #: Linear-time variants without parameters, shown uncalibrated for context: the exact window
 #: alone, without the far keys the hybrid adds.
 BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
-    f"longformer{w}": ("longformer", {"window": w, "global_tokens": 1}) for w in (32, 64)
+    **{f"longformer{w}": ("longformer", {"window": w, "global_tokens": 1}) for w in (32, 64)},
+    # parameter-free members of the survey's families (issue 16)
+    "reformer": ("reformer", {"bucket_size": 32, "num_hashes": 2}),
+    "transformer_xl": ("transformer_xl", {"segment": 64}),
 }
+DEFAULT_BASELINES = ["longformer32", "longformer64"]
 #: Share of the per-variant budget given to the per-site step; the end-to-end step gets the rest.
 PER_SITE_SHARE = 0.4
 
@@ -257,7 +268,9 @@ Scores = dict[str, dict[str, float]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument(
+        "--baselines", nargs="*", default=DEFAULT_BASELINES, choices=list(BASELINES)
+    )
     parser.add_argument(
         "--minutes",
         type=float,
@@ -415,7 +428,8 @@ def _table(
             if site is None
             else f"{site.seconds:.0f} ({max(r.steps for r in site.rows)})"
         )
-        e2e_time = "-" if e2e is None else f"{e2e.seconds:.0f} ({e2e.end_to_end.steps})"
+        e2e_steps = e2e.end_to_end.steps if e2e is not None and e2e.end_to_end else 0
+        e2e_time = "-" if e2e is None else f"{e2e.seconds:.0f} ({e2e_steps})"
         for text in row.before:
             lines.append(
                 f"| {row.variant} | {shown} | {text} | {_cells(row.before, text)} "

@@ -23,11 +23,13 @@ sets it to ``False`` (see ``Captured.fixed_kwargs``) and says so in the notes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import operator
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import sympy
@@ -469,6 +471,31 @@ def _cache_default(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return "use_cache" not in bound
 
 
+@contextlib.contextmanager
+def _caches_off(model: nn.Module) -> Iterator[list[str]]:
+    """Set ``use_cache = False`` on every submodule's config that has it on (each config object
+    once); yields where, as module paths; restores every value on exit."""
+    changed: dict[int, tuple[Any, str]] = {}
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is True and id(config) not in changed:
+            changed[id(config)] = (config, path or "<model>")
+            config.use_cache = False
+    try:
+        yield [f"{where}.config" for _, where in changed.values()]
+    finally:
+        for config, _ in changed.values():
+            config.use_cache = True
+
+
+def _takes_var_keyword(forward: Any) -> bool:
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _returns_unknown_type(exc: BaseException | None) -> bool:
     """An export failure because an output is not a registered pytree type (a ``DynamicCache``).
 
@@ -541,10 +568,37 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
         kwargs = {k: v for k, v in kwargs.items() if k not in defaulted}
         defaulted = {}
         program, errors, last, touched = _export(model, args, {**kwargs, **fixed}, dynamic, notes)
-    if program is None and cache_default and not fixed and _returns_unknown_type(last):
-        # Hugging Face models without ``config.use_cache`` that still return a cache object.
-        fixed["use_cache"] = False
-        program, errors, last, touched = _export(model, args, {**kwargs, **fixed}, dynamic, notes)
+    passes_cache_on = (
+        "use_cache" not in kwargs and hasattr(model, "config") and _takes_var_keyword(model.forward)
+    )
+    if (
+        program is None
+        and (cache_default or passes_cache_on)
+        and not fixed
+        and _returns_unknown_type(last)
+    ):
+        # Hugging Face models without ``config.use_cache`` that still return a cache object, and
+        # those whose forward passes ``use_cache`` on through ``**kwargs`` (vision-language
+        # models: their text model takes it).
+        if cache_default:
+            fixed["use_cache"] = False
+            program, errors, last, touched = _export(
+                model, args, {**kwargs, **fixed}, dynamic, notes
+            )
+        else:
+            # torch.export cannot take dynamic shapes for a forward whose inputs include
+            # ``**kwargs`` entries, so the cache is turned off where the inner models read their
+            # default: the ``use_cache`` of every submodule's config, restored right after.
+            with _caches_off(model) as changed:
+                program, errors, last, touched = _export(model, args, kwargs, dynamic, notes)
+            if changed:
+                notes.append(
+                    "captured with use_cache=False set on the model's configs ("
+                    + ", ".join(changed[:3])
+                    + ", restored after capture): the forward returned a key/value cache object, "
+                    "which is not a graph output; the rewritten model recomputes the whole "
+                    "sequence on every call"
+                )
     if program is not None and touched:
         # The forward cached state while traced (a buffer registered on first call). torch.export
         # turns such a registration into a buffer mutation that it unlifts onto the wrong

@@ -228,3 +228,35 @@ def test_no_grad_block_is_inlined_and_keeps_its_grad_mode():
     assert any(g for name, g in grads.items() if "trained" in name)
     assert not any(g for name, g in grads.items() if "frozen" in name), grads
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Cache:
+    """An output object torch.export cannot return (not a pytree type), like HF's caches."""
+
+
+class _PassesCacheOn(nn.Module):
+    """A Hugging Face-style outer model whose forward takes ``use_cache`` only through
+    ``**kwargs`` and returns a cache object unless told not to (vision-language models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(use_cache=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, **kwargs):
+        out = (self.proj(x) @ x.transpose(1, 2)).softmax(-1) @ x
+        use_cache = kwargs.get("use_cache", self.config.use_cache)
+        return (out, _Cache()) if use_cache else out
+
+
+def test_use_cache_passed_on_through_kwargs_is_turned_off_and_said():
+    torch.manual_seed(0)
+    model, x = _PassesCacheOn().eval(), torch.randn(2, 5, 8)
+    rw = ar.rewrite(model, "softmax", (x,))
+    assert rw.report.counts() == {"rewritten": 1}
+    assert any("use_cache=False" in note for note in rw.report.notes), rw.report.notes
+    assert model.config.use_cache is True  # restored
+    other = torch.randn(3, 7, 8)  # another batch and length: the capture stayed dynamic
+    torch.testing.assert_close(rw(other), model(other, use_cache=False), rtol=1e-5, atol=1e-6)
