@@ -260,3 +260,34 @@ def test_use_cache_passed_on_through_kwargs_is_turned_off_and_said():
     assert model.config.use_cache is True  # restored
     other = torch.randn(3, 7, 8)  # another batch and length: the capture stayed dynamic
     torch.testing.assert_close(rw(other), model(other, use_cache=False), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_decoder_rewrites_with_its_default_kwargs():
+    """BART called as a user would (ids only, HF's default use_cache): captured with the cache off
+    (said in the notes), its decoder self-attention causal, every site rewritten."""
+    transformers = pytest.importorskip("transformers", reason="needs the dev extra")
+    config = transformers.BartConfig(
+        vocab_size=100,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration._from_config(
+        config, attn_implementation="eager"
+    ).eval()
+    ids, dec = torch.randint(3, 100, (2, 9)), torch.randint(3, 100, (2, 5))
+    rw = ar.rewrite(model, "linear", kwargs={"input_ids": ids, "decoder_input_ids": dec})
+    assert rw.report.counts() == {"rewritten": 3}
+    masks = {row.name: str(row.site.mask) for row in rw.report.sites}
+    assert masks == {
+        "model.encoder.layers.0.self_attn": "none",
+        "model.decoder.layers.0.self_attn": "causal",
+        "model.decoder.layers.0.encoder_attn": "none",
+    }
+    assert any("use_cache=False" in note for note in rw.report.notes)
+    assert torch.isfinite(rw(input_ids=ids, decoder_input_ids=dec).logits).all()
