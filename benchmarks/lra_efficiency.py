@@ -4,7 +4,8 @@ The model is LRA's byte-level text-classification Transformer: vocabulary 256 (b
 embedding 256, 4 heads, MLP 1024, learned position embeddings, pre-LayerNorm blocks, mean pooling
 and a two-layer classifier (as in the LRA repository's text config). It is a plain ``nn.Module``
 whose attention is ``F.scaled_dot_product_attention`` — the honest baseline: PyTorch's fused
-kernel, not a hand-written matmul/softmax/matmul (``--baseline manual`` selects that spelling).
+kernel, not a hand-written matmul/softmax/matmul (``--baseline manual`` makes that spelling the
+original; the ``softmax_manual`` row, a rewrite registered here, times it next to SDPA instead).
 Every variant is obtained by ``attnrewrite.rewrite`` of that same model, with random weights.
 
 Measured, for each N, in one run and side by side (``attnrewrite.benchmark``: round-robin timing):
@@ -18,6 +19,13 @@ Usage (the full run; see BENCHMARKS.md for its duration)::
     python benchmarks/lra_efficiency.py --lengths 1024 2048 3072 4096 8192 \\
         --backends eager inductor onnxruntime --update-benchmarks-md
 
+The survey variants of issue 16, in their own results files and BENCHMARKS.md block (``--name``)::
+
+    python benchmarks/lra_efficiency.py --lengths 1024 2048 4096 \\
+        --variants softmax_manual reformer routing sinkhorn set_transformer memory_compressed \\
+        axial transformer_xl --backends eager inductor onnxruntime --threads 1 \\
+        --name lra_efficiency_survey --heading "Survey variants (issue 16)" --update-benchmarks-md
+
 A quick check::
 
     python benchmarks/lra_efficiency.py --lengths 1024 2048 --variants linear local \\
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 import time
@@ -40,10 +49,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import attnrewrite  # noqa: E402
+from attnrewrite.site import ALL_MASK_CLASSES  # noqa: E402
+from attnrewrite.variants.base import AttentionVariant, combine_mask, repeat_kv  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-SECTION_START = "<!-- lra-efficiency:start -->"
-SECTION_END = "<!-- lra-efficiency:end -->"
+#: The results stem of the main table; other runs (``--name``) get their own marked block.
+MAIN_NAME = "lra_efficiency"
+MAIN_HEADING = "## LRA efficiency (issue 6)"
 
 #: LRA text config (lra_benchmarks/text_classification/configs/base_tc_config.py).
 VOCAB, EMBED, HEADS, LAYERS, MLP, CLASSES = 256, 256, 4, 4, 1024, 2
@@ -100,26 +114,72 @@ class LRATextClassifier(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+class ManualSoftmaxAttention(AttentionVariant):
+    """Exact softmax attention spelled as matmul, softmax, matmul (Vaswani et al. 2017,
+    arXiv:1706.03762): softmax(q·kᵀ·scale + m) v with the N x N scores materialised.
+
+    The second baseline (``--baseline manual``'s spelling) as a rewrite of the SDPA model, so both
+    baselines are timed round-robin in the same run as the variants. Every mask class, causal,
+    cross-attention, grouped heads; no parameters. Cost: time and memory O(N²).
+    """
+
+    name = "softmax_manual"
+    mask_classes = ALL_MASK_CLASSES
+    exact = True
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        heads = query.shape[1]
+        key, value = repeat_kv(key, heads), repeat_kv(value, heads)
+        scores = query @ key.transpose(-2, -1) * scale
+        attn_mask = combine_mask(mask, causal, query.shape[-2], key.shape[-2], query.device)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask.to(scores.dtype)
+        return scores.softmax(-1) @ value
+
+
+def register_manual_softmax() -> None:
+    """Register ``softmax_manual``. The factories call it too: a memory worker rebuilds the model
+    from the TARGET string in a fresh process, then rewrites it by variant name."""
+    attnrewrite.register_variant(ManualSoftmaxAttention)
+
+
 def _example(batch: int = 2, length: int = 256) -> tuple[torch.Tensor]:
     return (torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(0)),)
 
 
 def lra_text_model() -> tuple[nn.Module, tuple, dict]:
     """TARGET factory (SDPA baseline): ``benchmarks/lra_efficiency.py:lra_text_model``."""
+    register_manual_softmax()
     torch.manual_seed(0)
     return LRATextClassifier(manual=False).eval(), _example(), {}
 
 
 def lra_text_model_manual() -> tuple[nn.Module, tuple, dict]:
     """TARGET factory with hand-written matmul/softmax/matmul attention."""
+    register_manual_softmax()
     torch.manual_seed(0)
     return LRATextClassifier(manual=True).eval(), _example(), {}
 
 
 def variant_options(max_length: int) -> dict[str, dict]:
     """Options per variant, close to the LRA paper's efficiency settings where it gives them."""
+    width = math.isqrt(max_length - 1) + 1  # ⌈√N⌉
+    buckets = max(2, -(-max_length // 64))
+    buckets += buckets % 2  # Reformer hashes with ±projections: an even count
     return {
         "softmax": {},
+        "softmax_manual": {},  # the matmul/softmax/matmul baseline, registered by this script
         "local": {"window": 64},
         "sparse_strided": {},  # stride defaults to ~sqrt(N) (Child et al.)
         "sparse_fixed": {},
@@ -135,13 +195,17 @@ def variant_options(max_length: int) -> dict[str, dict]:
         # "kernel" needs a feature_map callable: it is the generic form of the rows above.
         "t2r": {},
         "hedgehog": {},
-        # Issue 16: content-based sparse, inducing points / compression, more patterns.
-        "reformer": {"bucket_size": 64, "num_hashes": 2},
-        "routing": {"chunk_size": 64},
+        # Issue 16, as in the structural table (benchmarks/structural_variants.py). The model is
+        # rewritten once, at the example length (256), and reused at every N, so the options that
+        # default to the site's length at capture are given here for the longest N: Reformer
+        # n_b ≈ N/64 buckets, routing √N clusters (Roy et al.), axial a grid ⌈√N⌉ wide (the byte
+        # sequence folded into rows; at shorter N it has fewer rows).
+        "reformer": {"bucket_size": 64, "num_hashes": 2, "num_buckets": buckets},
+        "routing": {"chunk_size": 64, "num_clusters": max(2, round(math.sqrt(max_length)))},
         "sinkhorn": {"block_size": 64},
         "set_transformer": {"num_inducing": 64},
         "memory_compressed": {"stride": 8},
-        "axial": {},  # grid ≈ √N wide (the byte sequence folded into rows)
+        "axial": {"grid": (-(-max_length // width), width)},
         "transformer_xl": {"segment": 64},
     }
 
@@ -159,7 +223,7 @@ def table2(result, backend: str) -> str:
             f"memory {n // 1024 if n % 1024 == 0 else n}{'K' if n % 1024 == 0 else ''}"
             for n in lengths
         ]
-        + ["max rel err (max N)", "crossover N"]
+        + ["max rel err (max N)", "FLOP-bound (max N)", "crossover N"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     crossover = {c.variant: c.describe() for c in result.crossovers if c.backend == backend}
@@ -169,7 +233,7 @@ def table2(result, backend: str) -> str:
             status = next(iter(rows.values())).status if rows else "not run"
             lines.append(
                 f"| {variant} | "
-                + " | ".join(["-"] * (2 * len(lengths) + 1))
+                + " | ".join(["-"] * (2 * len(lengths) + 2))
                 + f" | {status[:90]} |"
             )
             continue
@@ -187,28 +251,46 @@ def table2(result, backend: str) -> str:
                 memory.append(f"{r.memory_ratio:.2f}x" if r.memory_ratio else "-")
         last = rows.get(lengths[-1])
         error = f"{last.max_rel_error:.1e}" if last and last.max_rel_error is not None else "-"
+        bound = f"{last.flop_bound_speedup:.2f}x" if last and last.flop_bound_speedup else "-"
         name = {
             "original": "Transformer (SDPA, original)",
             "softmax": "softmax (rewritten, exact)",
+            "softmax_manual": "softmax (matmul/softmax/matmul, exact)",
         }.get(variant, variant)
-        lines.append(
-            "| " + " | ".join([name, *speed, *memory, error, crossover.get(variant, "-")]) + " |"
-        )
+        cells = [name, *speed, *memory, error, bound, crossover.get(variant, "-")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(result, command: str, plot: Path, json_path: Path, elapsed_s: float) -> str:
+def report(
+    result,
+    command: str,
+    plot: Path,
+    json_path: Path,
+    elapsed_s: float,
+    load: tuple[float, float] | None = None,
+    notes: list[str] | None = None,
+) -> str:
+    """The Markdown of a run: command, how it was measured, one Table 2 per backend, the plot.
+
+    ``load``: the machine's 1-minute load average at the start and at the end of the run;
+    ``notes``: the user's lines (``--note``), printed right after the command.
+    """
     meta = result.meta
+    loaded = f", load average {load[0]:.1f} at start / {load[1]:.1f} at end" if load else ""
     parts = [
         f"Command: `{command}` ({elapsed_s / 60:.0f} min on {meta['machine']}, "
-        f"{meta['threads']} torch threads, torch {meta['torch']}, {meta['date']}).",
+        f"{meta['threads']} torch threads, torch {meta['torch']}, {meta['date']}{loaded}).",
         "",
+        *[f"{note}\n" for note in notes or []],
         f"Forward-only inference, batch {meta['batch']}, float32; median of {meta['repeats']} "
         "round-robin timed calls after warm-up. Transformer row: steps/s and the peak memory one "
         "forward call adds (own process per configuration); other rows: speed (steps/s) and "
         "memory relative to it, same backend, same run. `max rel err`: max|y - y_orig| / "
         "max|y_orig| of the logits against the eager original at the longest N (random weights: "
-        "this measures the approximation, not task accuracy); `crossover N`: first length where "
+        "this measures the approximation, not task accuracy); `FLOP-bound`: FLOPs of the "
+        "original / FLOPs of the variant at the longest N (the speedup a FLOP-bound run would get; "
+        "matrix products only, torch's FlopCounterMode); `crossover N`: first length where "
         f"the variant is faster (log-log interpolated). Raw rows: "
         f"`{json_path.relative_to(ROOT)}`.",
     ]
@@ -221,28 +303,65 @@ def report(result, command: str, plot: Path, json_path: Path, elapsed_s: float) 
     return "\n".join(parts)
 
 
-def update_benchmarks_md(body: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (between its markers) with ``body``."""
+def markers(name: str) -> tuple[str, str]:
+    """The start and end markers of run ``name``'s block in BENCHMARKS.md.
+
+    ``lra_efficiency`` -> ``<!-- lra-efficiency:start -->``; ``lra_efficiency_survey`` ->
+    ``<!-- lra-efficiency-survey:start -->``: each results stem has its own block, so a run
+    under another name never overwrites the main table.
+    """
+    tag = name.replace("_", "-")
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def update_benchmarks_md(body: str, name: str = MAIN_NAME, heading: str | None = None) -> None:
+    """Replace run ``name``'s block of BENCHMARKS.md (between its markers) with ``body``.
+
+    Without a block yet: the main run appends its section at the end; another run inserts a
+    subsection ``### heading`` right after the main block (at the end if there is none).
+    """
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    block = f"{SECTION_START}\n{body}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
+    start, end = markers(name)
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + block + after
+    elif name == MAIN_NAME:
+        text = text.rstrip() + f"\n\n{MAIN_HEADING}\n\n" + block + "\n"
     else:
-        text = text.rstrip() + "\n\n## LRA efficiency (issue 6)\n\n" + block + "\n"
+        section = f"### {heading or f'Run `{name}`'}\n\n{block}"
+        main_end = markers(MAIN_NAME)[1]
+        if main_end in text:
+            before, after = text.split(main_end, 1)
+            text = before + main_end + "\n\n" + section + after
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS_MD.write_text(text)
 
 
+def _without_prose(argv: list[str]) -> list[str]:
+    """The command-line arguments without ``--note`` and ``--heading`` (the report shows the
+    note itself, and the heading is the subsection's title)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--note", "--heading"):
+            skip = True
+        elif not arg.startswith(("--note=", "--heading=")):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
-    import attnrewrite
     from attnrewrite.bench.plot import plot_result
     from attnrewrite.variants import variant_names
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 3072, 4096])
     parser.add_argument(
-        "--variants", nargs="+", default=None, help="default: every registered variant"
+        "--variants", nargs="+", default=None, help="default: every variant of variant_options()"
     )
     parser.add_argument("--backends", nargs="+", default=["eager", "inductor"])
     parser.add_argument("--batch", type=int, default=1)
@@ -250,11 +369,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", choices=("sdpa", "manual"), default="sdpa")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--name", default="lra_efficiency", help="results file stem")
+    parser.add_argument(
+        "--name",
+        default=MAIN_NAME,
+        help="results file stem, and the BENCHMARKS.md block this run rewrites "
+        "(lra_efficiency_survey: benchmarks/results/lra_efficiency_survey.{json,md,png} and the "
+        "block between <!-- lra-efficiency-survey:start/end -->)",
+    )
+    parser.add_argument(
+        "--heading",
+        default=None,
+        help="heading of the subsection created for a new --name (default: the name)",
+    )
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line printed after the command in the report (repeatable)",
+    )
     parser.add_argument(
         "--update-benchmarks-md",
         action="store_true",
-        help="rewrite the LRA section of BENCHMARKS.md with this run",
+        help="rewrite this run's block of BENCHMARKS.md (see --name)",
     )
     ns = parser.parse_args(argv)
 
@@ -262,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     if max_length > MAX_LEN:
         parser.error(f"lengths above {MAX_LEN} need a longer position table (MAX_LEN)")
     options = variant_options(max_length)
+    register_manual_softmax()
     # Names only: a variant that fails to import gets an error row instead of stopping the run.
-    names = ns.variants or [n for n in variant_names() if n in options]
+    names = ns.variants or [n for n in options if n in variant_names()]
     factory = "lra_text_model" if ns.baseline == "sdpa" else "lra_text_model_manual"
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     result = attnrewrite.benchmark(
         f"{Path(__file__).resolve()}:{factory}",
@@ -277,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=ns.threads,
     )
     elapsed = time.perf_counter() - start
+    load = (load_start, os.getloadavg()[0])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = result.to_json(RESULTS / f"{ns.name}.json")
@@ -286,13 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         title=f"LRA text model, batch {ns.batch}, forward only ({', '.join(result.backends)})",
     )
     command = "python benchmarks/lra_efficiency.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
+        _without_prose(sys.argv[1:] if argv is None else argv)
     )
-    body = report(result, command.strip(), plot, json_path, elapsed)
+    body = report(result, command.strip(), plot, json_path, elapsed, load, ns.note)
     (RESULTS / f"{ns.name}.md").write_text(body + "\n")
     print(body)
     if ns.update_benchmarks_md:
-        update_benchmarks_md(body)
+        update_benchmarks_md(body, ns.name, ns.heading)
         print(f"updated {BENCHMARKS_MD}")
     return 0
 
