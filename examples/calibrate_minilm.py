@@ -282,6 +282,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="per-site lr (default: calibrate's)")
     parser.add_argument("--loss", default="mse", choices=["mse", "attn_kl"])
     parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="after the end-to-end step, LoRA adapters of this rank on the attention "
+        "projections, trained in the last quarter of the end-to-end budget",
+    )
+    parser.add_argument(
         "--feature-dim",
         type=int,
         default=None,
@@ -369,6 +376,8 @@ def main() -> None:
                 end_to_end=options.end_to_end,
                 lr=options.lr,
                 max_seconds=budget - per_site.seconds,
+                lora_rank=options.lora_rank,
+                lora_steps=10_000 if options.lora_rank else None,
             )
             print(e2e)
             row.end_to_end, row.end_to_end_result = scores(rewritten), e2e

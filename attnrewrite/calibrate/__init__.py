@@ -11,9 +11,27 @@ import sys
 import types
 from typing import Any
 
-from attnrewrite.calibrate.result import CalibrationResult, EndToEndCalibration, SiteCalibration
+from attnrewrite.calibrate.result import (
+    CalibrationResult,
+    EndToEndCalibration,
+    LoRACalibration,
+    SiteCalibration,
+)
 
-__all__ = ["CalibrationResult", "EndToEndCalibration", "SiteCalibration"]
+__all__ = [
+    "CalibrationResult",
+    "EndToEndCalibration",
+    "LoRACalibration",
+    "SiteCalibration",
+    "output_divergence",
+]
+
+
+def output_divergence(model: Any, inputs: Any, **options: Any) -> float:
+    """See :func:`attnrewrite.calibrate.calibrate.output_divergence`."""
+    from attnrewrite.calibrate.calibrate import output_divergence as divergence
+
+    return divergence(model, inputs, **options)
 
 
 class _CallableModule(types.ModuleType):

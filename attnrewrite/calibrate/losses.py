@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from attnrewrite.calibrate.mode import SiteCall
 from attnrewrite.errors import CalibrationError
@@ -47,6 +50,12 @@ def site_output(module: nn.Module, call: SiteCall) -> Tensor:
 def site_output_loss(module: nn.Module, call: SiteCall) -> Tensor:
     """The ``mse`` loss of one site on one recorded call."""
     return relative_mse(site_output(module, call), call.teacher)
+
+
+def site_output_terms(module: nn.Module, call: SiteCall) -> tuple[Tensor, Tensor]:
+    """The ``mse`` loss as (Σ (y − t)², Σ t²): the loss is their ratio. Kept apart so that under
+    ``torch.distributed`` the denominator can be summed over ranks first."""
+    return squared_error(site_output(module, call), call.teacher)
 
 
 def check_attn_kl(module: nn.Module, site: str, variant: str) -> None:
@@ -96,6 +105,12 @@ def softmax_log_weights(call: SiteCall) -> Tensor:
 
 def attention_kl(module: FeatureMapAttention, call: SiteCall) -> Tensor:
     """The ``attn_kl`` loss of one site on one recorded call: mean_i KL(P_i ‖ A_i)."""
+    total, rows = attention_kl_terms(module, call)
+    return total / rows
+
+
+def attention_kl_terms(module: FeatureMapAttention, call: SiteCall) -> tuple[Tensor, Tensor]:
+    """The ``attn_kl`` loss as (Σ_i KL(P_i ‖ A_i) over valid query rows, the number of them)."""
     log_p = softmax_log_weights(call)
     log_a = implied_log_weights(module, call)
     # A row with every key masked has no weights (NaN in P) and carries no information. This
@@ -105,4 +120,54 @@ def attention_kl(module: FeatureMapAttention, call: SiteCall) -> Tensor:
     # Keys softmax ignores (P = 0, log P = -inf) add nothing: 0·log 0 := 0.
     log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
     rows = (p * (log_p - log_a)).sum(dim=-1)
-    return rows[valid].mean()
+    return rows[valid].sum(), valid.sum().to(rows.dtype)
+
+
+#: Per-site losses by name, as (numerator, denominator) terms.
+SITE_LOSS_TERMS = {"mse": site_output_terms, "attn_kl": attention_kl_terms}
+
+
+# -- model outputs (the end-to-end and LoRA stages) ------------------------------------------------
+
+#: End-to-end losses: ``"auto"`` is ``"kl"`` when the output has ``logits``, else ``"mse"``.
+OUTPUT_LOSSES = ("auto", "mse", "kl")
+
+
+def logits_of(output: Any) -> Tensor | None:
+    """The ``logits`` of a model output (a ``ModelOutput``, a dict), or ``None``."""
+    value = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    return value if isinstance(value, Tensor) and value.is_floating_point() else None
+
+
+def output_terms(
+    output: Any, reference: Any, kind: str, token_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The end-to-end loss of one batch as (numerator, denominator).
+
+    - ``"mse"``: Σ (y − t)² and Σ t² over every floating-point tensor of the output.
+    - ``"kl"``: Σ over positions of KL(softmax(t) ‖ softmax(y)) on the ``logits`` (the original
+      model's next-token distribution against the rewritten one's), and the number of positions;
+      ``token_weights`` (an ``attention_mask`` shaped like the logits' leading axes) leaves out
+      padding.
+    """
+    if kind == "kl":
+        logits, target = logits_of(output), logits_of(reference)
+        log_q = torch.log_softmax(logits.float(), dim=-1)
+        log_p = torch.log_softmax(target.float(), dim=-1)
+        per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        if token_weights is not None and token_weights.shape == per_position.shape:
+            weights = token_weights.to(per_position.dtype)
+            return (per_position * weights).sum(), weights.sum()
+        return per_position.sum(), torch.tensor(float(per_position.numel()))
+    leaves = [
+        (y, t)
+        for y, t in zip(pytree.tree_leaves(output), pytree.tree_leaves(reference), strict=True)
+        if isinstance(t, Tensor) and t.is_floating_point()
+    ]
+    if not leaves:
+        raise CalibrationError(
+            "end_to_end needs a model output with floating-point tensors to compare; this "
+            "model returns none. Calibrate without end_to_end"
+        )
+    errors = [squared_error(y, t) for y, t in leaves]
+    return sum(e for e, _ in errors), sum(n for _, n in errors)

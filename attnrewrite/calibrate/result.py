@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 #: What the error columns measure.
 ERROR_METRIC = "relative MSE ‖y − softmax‖² / ‖softmax‖² of the site output on the calibration set"
@@ -33,9 +37,16 @@ class SiteCalibration:
     reverted: bool = False
 
 
+#: What the end-to-end figures measure, by end-to-end loss.
+OUTPUT_METRICS = {
+    "mse": "model-output relative MSE",
+    "kl": "next-token KL(original ‖ rewritten) per position",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EndToEndCalibration:
-    """The final end-to-end step: relative MSE of the model's outputs against the original's."""
+    """The end-to-end step: the model's outputs against the original's (``metric``)."""
 
     error_before: float
     error_after: float
@@ -44,6 +55,38 @@ class EndToEndCalibration:
     #: The step made the model-output error worse on the calibration set, so the parameters were
     #: put back as the per-site step left them (``error_after`` is then the error they give).
     reverted: bool = False
+    #: ``"mse"`` (relative MSE of every floating-point output) or ``"kl"`` (next-token KL).
+    loss: str = "mse"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRACalibration:
+    """The LoRA stage: adapters on the attention projections, trained on the end-to-end loss.
+
+    Attributes:
+        rank: the adapters' rank.
+        adapters: one ``"site: role"`` per adapter (``role`` query, key, value, output or a fused
+            combination).
+        parameters: trainable numbers the adapters add.
+        error_before: end-to-end loss before the stage (after the earlier stages).
+        error_after: the same after it.
+        steps: optimiser steps.
+        seconds: time of the stage.
+        reverted: the stage raised the loss, so the adapters were removed.
+        missing: sites where no projection was found (so none of theirs was adapted).
+        loss: the end-to-end loss (``"mse"`` or ``"kl"``).
+    """
+
+    rank: int
+    adapters: tuple[str, ...]
+    parameters: int
+    error_before: float
+    error_after: float
+    steps: int
+    seconds: float
+    reverted: bool = False
+    missing: tuple[str, ...] = ()
+    loss: str = "mse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +100,11 @@ class CalibrationResult:
         seconds: wall time of the whole call.
         stopped: why training stopped: ``"steps"`` or ``"max_seconds"``.
         end_to_end: the end-to-end step, or ``None`` if it was not asked for.
+        lora: the LoRA stage, or ``None`` if it was not asked for.
+        world_size: processes that calibrated together (``torch.distributed``), 1 without.
+        dropped_batches: batches left out because they did not fill a global batch of
+            ``world_size`` batches (0 in a single process).
+        resumed: the stage and step a checkpoint was resumed from (``"sites@120"``), or ``None``.
     """
 
     rows: tuple[SiteCalibration, ...]
@@ -66,6 +114,44 @@ class CalibrationResult:
     stopped: str = "steps"
     end_to_end: EndToEndCalibration | None = None
     metric: str = ERROR_METRIC
+    lora: LoRACalibration | None = None
+    world_size: int = 1
+    dropped_batches: int = 0
+    resumed: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, numbers, strings): what :meth:`to_json` writes."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, **options: Any) -> str:
+        """The result as JSON (``json.dumps`` options, e.g. ``indent=2``)."""
+        return json.dumps(self.to_dict(), **options)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationResult:
+        data = dict(data)
+        data["rows"] = tuple(SiteCalibration(**row) for row in data["rows"])
+        if data.get("end_to_end") is not None:
+            data["end_to_end"] = EndToEndCalibration(**data["end_to_end"])
+        if data.get("lora") is not None:
+            lora = dict(data["lora"])
+            lora["adapters"], lora["missing"] = tuple(lora["adapters"]), tuple(lora["missing"])
+            data["lora"] = LoRACalibration(**lora)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> CalibrationResult:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike[str]) -> bool:
+        """Write :meth:`to_json` to ``path``. Under ``torch.distributed`` only rank 0 writes (every
+        rank holds the same result); returns whether this process wrote."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return False
+        Path(path).write_text(self.to_json(indent=2) + "\n")
+        return True
 
     def table(self) -> list[dict[str, str]]:
         return [
@@ -89,10 +175,17 @@ class CalibrationResult:
             f"loss: {self.loss}; {self.batches} batch(es); stopped by {self.stopped}; "
             f"{self.seconds:.1f} s in all",
         ]
+        if self.world_size > 1:
+            lines.append(
+                f"{self.world_size} processes (torch.distributed), data sharded by rank"
+                + (f"; {self.dropped_batches} batch(es) left out" if self.dropped_batches else "")
+            )
+        if self.resumed:
+            lines.append(f"resumed from a checkpoint at {self.resumed}")
         e2e = self.end_to_end
         if e2e is not None:
             lines.append(
-                f"end-to-end: model-output relative MSE {e2e.error_before:.3g} -> "
+                f"end-to-end: {OUTPUT_METRICS[e2e.loss]} {e2e.error_before:.3g} -> "
                 f"{e2e.error_after:.3g} in {e2e.steps} step(s), {e2e.seconds:.1f} s"
                 + (
                     "; it made the error worse, so the parameters were reverted to the per-site "
@@ -101,6 +194,20 @@ class CalibrationResult:
                     else ""
                 )
             )
+        lora = self.lora
+        if lora is not None:
+            lines.append(
+                f"LoRA: {len(lora.adapters)} adapter(s) of rank {lora.rank} "
+                f"({lora.parameters} parameters); {OUTPUT_METRICS[lora.loss]} "
+                f"{lora.error_before:.3g} -> {lora.error_after:.3g} in {lora.steps} step(s), "
+                f"{lora.seconds:.1f} s"
+                + (
+                    "; it made the loss worse, so the adapters were removed"
+                    if lora.reverted
+                    else ""
+                )
+            )
+            lines += [f"LoRA: {m}" for m in lora.missing]
         return lines
 
     def to_markdown(self) -> str:

@@ -113,6 +113,24 @@ class RewrittenModel(nn.Module):
         return {m.site.name: m for m in holder.children() if isinstance(m, AttentionVariant)}
 
     @property
+    def lora_adapters(self) -> dict[str, nn.Module]:
+        """The low-rank adapters ``calibrate(..., lora_rank=r)`` inserted on the attention
+        projections, by name (each says its site, role and target weight); empty without."""
+        from attnrewrite.calibrate.lora import adapters
+
+        return adapters(self.graph_module)
+
+    def merge_lora(self) -> int:
+        """Fold the LoRA adapters into this model's own projection weights (W + scale · B A) and
+        drop their extra matmuls, e.g. before export. The original model is not touched (the
+        rewritten model holds private copies of its parameters). Returns how many were merged."""
+        from attnrewrite.calibrate.lora import merge
+
+        merged = merge(self.graph_module)
+        self.__dict__.pop("_decoders", None)
+        return merged
+
+    @property
     def fixed_kwargs(self) -> dict[str, Any]:
         """Keyword arguments capture fixed because the example left them out (``use_cache``)."""
         return dict(self._fixed_kwargs)

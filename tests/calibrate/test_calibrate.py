@@ -96,14 +96,7 @@ class GainedLinear(LinearAttention):
 ar.register_variant(GainedLinear)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Calibration steps on these tiny tensors are a few small ops each; on a busy machine two
-    # OpenMP threads spend far longer waiting for each other than computing (30x here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
