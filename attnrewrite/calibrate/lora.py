@@ -196,6 +196,7 @@ def _take_out(gm: fx.GraphModule, fold: bool) -> int:
             linear.replace_input_with(weight, new_weight)
             if not weight.users:
                 gm.graph.erase_node(weight)
+                _drop_unreferenced(gm, weight.target)
         total.replace_all_uses_with(linear)
         gm.graph.erase_node(total)
         gm.graph.erase_node(node)
@@ -203,6 +204,15 @@ def _take_out(gm: fx.GraphModule, fold: bool) -> int:
     gm.graph.lint()
     gm.recompile()
     return len(made)
+
+
+def _drop_unreferenced(gm: fx.GraphModule, target: str) -> None:
+    """Delete the replaced weight from the rewritten model (its own copy) once no graph node reads
+    it, so the merged model's ``state_dict`` holds each projection once."""
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    owner, _, attr = target.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 # -- finding the projections -------------------------------------------------------------------

@@ -131,6 +131,10 @@ def test_merged_adapters_compute_the_same_and_leave_the_original_alone(
         merged = rw(input_ids=batch).logits
     assert not rw.lora_adapters
     assert not any("attnrewrite_lora" in str(n.target) for n in rw.graph_module.graph.nodes)
+    # Each projection is held once: the merged weight replaces the rewritten model's own copy.
+    names = list(rw.graph_module.state_dict())
+    assert not any(k.endswith(("q_proj.weight", "o_proj.weight")) for k in names), names
+    assert sum(k.endswith("_merged") for k in names) == 8
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(calibrated["original"][k], v) for k, v in decoder.state_dict().items())
 
