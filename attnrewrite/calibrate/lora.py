@@ -35,7 +35,30 @@ LORA_ATTR = "attnrewrite_lora"
 #: How far (in graph nodes) the search for a projection walks from a site.
 SEARCH_DEPTH = 24
 
-_LINEAR = torch.ops.aten.linear.default
+_aten = torch.ops.aten
+#: Projection ops: (index of the input, index of the weight, weight stored as (out, in)).
+_PROJECTIONS = {
+    _aten.linear.default: (0, 1, True),
+    _aten.addmm.default: (1, 2, False),  # Conv1D (GPT-2): bias + x @ W with W (in, out)
+    _aten.mm.default: (0, 1, False),
+    _aten.matmul.default: (0, 1, False),
+}
+#: Ops a site's output may pass through before its output projection: layout only.
+_LAYOUT = {
+    _aten.view.default,
+    _aten.reshape.default,
+    _aten._unsafe_view.default,
+    _aten.transpose.int,
+    _aten.permute.default,
+    _aten.contiguous.default,
+    _aten.clone.default,
+    _aten.flatten.using_ints,
+    _aten.unflatten.int,
+    _aten.dropout.default,
+    _aten.alias.default,
+    _aten.to.dtype,
+    _aten.type_as.default,
+}
 
 
 class LoRAAdapter(nn.Module):
@@ -133,11 +156,12 @@ def add_adapters(
     gm.add_module(LORA_ATTR, holder)
     made: dict[str, LoRAAdapter] = {}
     for index, (linear, (site, roles)) in enumerate(found.items()):
-        weight = linear.args[1]
+        source, weight, out_in = _projection_of(gm, linear)
         tensor = _get(gm, weight.target)
+        out_features, in_features = tensor.shape if out_in else tensor.shape[::-1]
         adapter = LoRAAdapter(
-            tensor.shape[1],
-            tensor.shape[0],
+            in_features,
+            out_features,
             rank,
             alpha,
             target=weight.target,
@@ -150,7 +174,7 @@ def add_adapters(
         holder.add_module(name, adapter)
         made[name] = adapter
         with gm.graph.inserting_after(linear):
-            low_rank = gm.graph.call_module(f"{LORA_ATTR}.{name}", (linear.args[0],))
+            low_rank = gm.graph.call_module(f"{LORA_ATTR}.{name}", (source,))
         with gm.graph.inserting_after(low_rank):
             total = gm.graph.call_function(torch.ops.aten.add.Tensor, (linear, low_rank))
         linear.replace_all_uses_with(total, delete_user_cb=total.__ne__)
@@ -185,9 +209,10 @@ def _take_out(gm: fx.GraphModule, fold: bool) -> int:
         (total,) = node.users
         linear = total.args[0]
         if fold:
-            weight = linear.args[1]
+            _, weight, out_in = _projection_of(gm, linear)
             current = _get(gm, weight.target).detach()
-            merged = current + adapter.delta().detach().to(current.dtype)
+            delta = adapter.delta().detach().to(current.dtype)
+            merged = current + (delta if out_in else delta.T)
             name = weight.target.replace(".", "_") + "_merged"
             set_attr(gm, name, nn.Parameter(merged, requires_grad=False))
             with gm.graph.inserting_before(linear):
@@ -232,41 +257,44 @@ def _site_nodes(gm: fx.GraphModule, sites: list[str]) -> dict[str, fx.Node]:
     return nodes
 
 
-def _is_projection(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not _LINEAR or len(node.args) < 2:
-        return False
-    weight = node.args[1]
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return False
+def _projection_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(input, weight node, weight is (out, in)) of a projection by a parameter matrix."""
+    spec = _PROJECTIONS.get(node.target) if node.op == "call_function" else None
+    if spec is None or len(node.args) <= max(spec[:2]):
+        return None
+    source, weight = node.args[spec[0]], node.args[spec[1]]
+    if not (
+        isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(source, fx.Node)
+    ):
+        return None
     tensor = _get(gm, weight.target)
-    return isinstance(tensor, nn.Parameter) and tensor.dim() == 2 and tensor.is_floating_point()
+    if not (isinstance(tensor, nn.Parameter) and tensor.dim() == 2 and tensor.is_floating_point()):
+        return None
+    return source, weight, spec[2]
 
 
 def _projections(gm: fx.GraphModule, site: fx.Node) -> list[tuple[str, fx.Node]]:
     found = []
     for role, start in zip(("query", "key", "value"), site.args[:3], strict=False):
         if isinstance(start, fx.Node):
-            found += [(role, n) for n in _nearest(gm, start, upstream=True)]
-    found += [("output", n) for n in _nearest(gm, site, upstream=False)]
+            found += [(role, n) for n in _upstream(gm, start)]
+    found += [("output", n) for n in _downstream(gm, site)]
     return found
 
 
-def _nearest(gm: fx.GraphModule, start: fx.Node, upstream: bool) -> list[fx.Node]:
-    """The projections nearest to ``start`` along its inputs (or users), stopping at each."""
+def _upstream(gm: fx.GraphModule, start: fx.Node) -> list[fx.Node]:
+    """The projections nearest to ``start`` along its inputs (through reshapes, splits and
+    rotary embeddings), stopping at each."""
     seen, frontier, hits = {start}, [start], []
     for _ in range(SEARCH_DEPTH):
         following = []
         for node in frontier:
-            if node is not start and _is_projection(gm, node):
-                if upstream or _reads(node, seen):
-                    hits.append(node)
-                    continue
-            if node.op in ("placeholder", "get_attr", "output"):
+            if _projection_of(gm, node) is not None:
+                hits.append(node)
                 continue
-            if node is not start and node.op == "call_module":
-                continue  # another site or adapter: not this site's projection path
-            nexts = node.all_input_nodes if upstream else list(node.users)
-            for n in nexts:
+            if node.op != "call_function":
+                continue  # inputs, parameters, other sites and adapters: not a path to q, k, v
+            for n in node.all_input_nodes:
                 if n not in seen:
                     seen.add(n)
                     following.append(n)
@@ -276,9 +304,24 @@ def _nearest(gm: fx.GraphModule, start: fx.Node, upstream: bool) -> list[fx.Node
     return list(dict.fromkeys(hits))
 
 
-def _reads(linear: fx.Node, seen: set[fx.Node]) -> bool:
-    """A downstream projection counts only if the site output reaches its input, not its weight."""
-    return isinstance(linear.args[0], fx.Node) and linear.args[0] in seen
+def _downstream(gm: fx.GraphModule, site: fx.Node) -> list[fx.Node]:
+    """The projection that reads the site's output through layout changes only (merging the
+    heads back), or nothing: anything else in between (a residual, a norm) means the output is
+    not projected by a matrix of its own."""
+    frontier, hits = [site], []
+    for _ in range(SEARCH_DEPTH):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                projection = _projection_of(gm, user)
+                if projection is not None and projection[0] is node:
+                    hits.append(user)
+                elif user.op == "call_function" and user.target in _LAYOUT:
+                    following.append(user)
+        frontier = following
+        if not frontier:
+            break
+    return list(dict.fromkeys(hits))
 
 
 def _get(gm: fx.GraphModule, target: str) -> Tensor:

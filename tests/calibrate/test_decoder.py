@@ -306,3 +306,38 @@ def test_lora_around_a_parameterless_variant_runs_in_onnx_runtime(decoder, strea
     with torch.no_grad():
         want = rw(input_ids=batch).logits
     torch.testing.assert_close(session(input_ids=batch).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_conv1d_projections_get_one_adapter_each_and_merge_exactly() -> None:
+    """GPT-2 spells its projections as Conv1D (``addmm`` with a (in, out) weight) and fuses q, k
+    and v into one: one adapter on the fused projection, one on the output, per layer; merging
+    folds the transposed update into the right weight."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=64,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 64, (2, 12))
+    rw = ar.rewrite(model, "local", kwargs={"input_ids": ids}, window=4, seed=0)
+    from attnrewrite.calibrate import lora
+
+    made, missing = lora.add_adapters(rw.graph_module, list(rw.variant_modules), 2, None, 0)
+    assert not missing and len(made) == 4
+    roles = sorted((a.site, a.role) for a in rw.lora_adapters.values())
+    assert roles == [
+        (f"transformer.h.{i}.attn", role) for i in (0, 1) for role in ("output", "query+key+value")
+    ]
+    with torch.no_grad():
+        for adapter in rw.lora_adapters.values():
+            adapter.lora_b.normal_()  # a visible update, so a wrong fold would show
+        unmerged = rw(input_ids=ids).logits
+        rw.merge_lora()
+        merged = rw(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
