@@ -3,6 +3,15 @@
 ``attnrewrite.calibrate(rw, inputs)`` trains only the rewritten sites' own parameters (feature maps,
 projections) so each site's output matches exact softmax attention on the same inputs; see
 :func:`attnrewrite.calibrate.calibrate.calibrate`.
+
+Issue 17 extended it to decoders and to several processes:
+
+- token-id batches, and an end-to-end step on the next-token KL to the original
+  (``end_to_end_loss``); :func:`output_divergence` measures it on held-out batches;
+- LoRA adapters on the attention projections (``lora_rank``; :mod:`.lora`);
+- data-parallel calibration under ``torchrun`` (:mod:`.distributed`), and checkpoint/resume with
+  ``torch.distributed.checkpoint`` (:mod:`.checkpoint`);
+- results that serialise to JSON (:class:`CalibrationResult`).
 """
 
 from __future__ import annotations
