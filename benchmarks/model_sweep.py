@@ -177,8 +177,14 @@ def render(rows: list[dict[str, Any]], command: str, wall: str, every_type: int 
                     f"{impl} {sum(r['impl'] == impl for r in rows)} of {every_type}"
                     for impl in ("eager", "sdpa")
                 )
-                + " transformers model types (the rest not run yet: the sweep was stopped; "
-                "continue it with `--resume`).",
+                + " transformers model types"
+                + (
+                    " (the rest not run yet: the sweep was stopped; continue it with `--resume`)."
+                    if any(
+                        sum(r["impl"] == i for r in rows) < every_type for i in ("eager", "sdpa")
+                    )
+                    else "."
+                ),
                 "",
             ]
             if every_type
