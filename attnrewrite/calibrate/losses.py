@@ -34,22 +34,11 @@ def squared_error(output: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     return (output.float() - teacher).square().sum(), teacher.square().sum()
 
 
-def relative_mse(output: Tensor, teacher: Tensor) -> Tensor:
-    """‖y − t‖² / ‖t‖² (a ‖t‖ of zero counts as 1e-12)."""
-    error, norm = squared_error(output, teacher)
-    return error / norm.clamp_min(1e-12)
-
-
 def site_output(module: nn.Module, call: SiteCall) -> Tensor:
     """The site's own output on one recorded call."""
     return module(
         call.query, call.key, call.value, mask=call.mask, causal=call.causal, scale=call.scale
     )
-
-
-def site_output_loss(module: nn.Module, call: SiteCall) -> Tensor:
-    """The ``mse`` loss of one site on one recorded call."""
-    return relative_mse(site_output(module, call), call.teacher)
 
 
 def site_output_terms(module: nn.Module, call: SiteCall) -> tuple[Tensor, Tensor]:
