@@ -950,7 +950,9 @@ def _score_sinks(node: fx.Node, walk: _ScoreWalk) -> fx.Node | None:
         "attention sinks (an extra score column outside the keys) take part in the "
         "softmax; no variant reproduces them"
     )
-    return next(a for a in node.args[0] if _reaches_product(a))
+    parts = node.args[0]
+    scores = [a for a in parts if not (G.shape(a) and G.is_one(G.shape(a)[-1]))]
+    return next(a for a in (scores if len(scores) == 1 else parts) if _reaches_product(a))
 
 
 #: What may stand between the score product and softmax, tried in order on each node walking up.
@@ -1046,12 +1048,21 @@ def _masked_floor(node: fx.Node, gm: fx.GraphModule) -> float | None:
 
 
 def _sink_columns(cat: fx.Node) -> bool:
-    """``cat([scores, sinks], dim=-1)`` with exactly one input computed from a product."""
+    """``cat([scores, sinks], dim=-1)``: the scores (computed from a product) and sink columns.
+
+    Sinks are either learned constants (gpt-oss) or computed per query from the hidden states by
+    a projection (Inkling's ``sink_proj``, itself a product): a part is a sink column when it is
+    one wide on the key axis, and exactly one other part, the scores, must reach a product."""
     parts = cat.args[0]
     r = G.rank(cat)
     dim = G.normalize_dim(G.arg(cat, "dim", 0), r) if r else None
     if dim != r - 1 or not isinstance(parts, (list, tuple)):
         return False
+    shapes = [G.shape(a) if isinstance(a, fx.Node) else None for a in parts]
+    if all(shp is not None for shp in shapes):
+        columns = [bool(shp) and G.is_one(shp[-1]) for shp in shapes]
+        scores = [a for a, column in zip(parts, columns, strict=True) if not column]
+        return len(scores) == 1 and _reaches_product(scores[0])
     return sum(isinstance(a, fx.Node) and _reaches_product(a) for a in parts) == 1
 
 

@@ -90,7 +90,7 @@ class Report:
     def __str__(self) -> str:
         rows = self.rows()
         if not rows:
-            return "no attention sites found"
+            return "\n".join(["no attention sites found", *self._rejected_lines()])
         cols = list(rows[0])
         width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
         head = "  ".join(c.ljust(width[c]) for c in cols)
@@ -101,7 +101,20 @@ class Report:
             f"{len(rows)} site(s): {done or '0 rewritten'}, {c.get(Status.SKIPPED, 0)} skipped"
         )
         notes = [f"note: {n}" for n in self.notes]
-        return "\n".join([head, "-" * len(head), *body, summary, *notes])
+        return "\n".join([head, "-" * len(head), *body, summary, *self._rejected_lines(), *notes])
+
+    def _rejected_lines(self) -> list[str]:
+        """One line per reason a softmax was not taken as a site, with where (up to three)."""
+        by_reason: dict[str, list[str]] = {}
+        for r in self.rejected:
+            by_reason.setdefault(r.reason, []).append(r.module or "<root>")
+        lines = []
+        for reason, modules in by_reason.items():
+            where = ", ".join(modules[:3]) + (
+                f", +{len(modules) - 3} more" if len(modules) > 3 else ""
+            )
+            lines.append(f"not a site ({len(modules)}x): {reason} [{where}]")
+        return lines
 
     def _repr_markdown_(self) -> str:
         return self.to_markdown()

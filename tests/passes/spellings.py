@@ -576,6 +576,15 @@ def attention_sinks(self, q, k, v):
     return F.softmax(logits, dim=-1)[..., :-1] @ v
 
 
+def projected_sinks(self, q, k, v):
+    # Inkling: the sink logit is computed per query by a projection (itself a product), cast
+    # after the concatenation; still one sink column, dropped after softmax.
+    scores = q @ k.transpose(-2, -1) * S
+    sinks = q @ self.sink_proj
+    logits = torch.cat([scores, sinks], dim=-1).float()
+    return F.softmax(logits, dim=-1)[..., :-1] @ v
+
+
 def multiplicative_causal(self, q, k, v):
     # openai-gpt: w·b + (-1e4)·(1 − b) with a 0/1 tril buffer.
     n = q.shape[-2]
@@ -682,6 +691,14 @@ CASES += [
     Case(
         "attention_sinks",
         manual(attention_sinks, buffers={"sinks": torch.randn(HEADS)}),
+        _x,
+        1,
+        ("none",),
+        refused="attention sinks",
+    ),
+    Case(
+        "projected_sinks",
+        manual(projected_sinks, buffers={"sink_proj": torch.randn(HEAD_DIM, 1)}),
         _x,
         1,
         ("none",),

@@ -55,6 +55,9 @@ def test_rejected_softmaxes_are_in_the_report() -> None:
     (router,) = rw.report.rejected
     assert router.stage == "find" and router.node.startswith("softmax")
     assert "linear" in router.reason  # the router's logits come from a linear layer, no q·kᵀ
+    # ... and the printed report says so, with where
+    (line,) = [line for line in str(rw.report).splitlines() if line.startswith("not a site")]
+    assert router.reason in line and f"[{router.module or '<root>'}]" in line
 
 
 def test_an_error_while_finding_one_site_spares_the_others(monkeypatch) -> None:

@@ -19,6 +19,7 @@ Three parts:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -123,15 +124,27 @@ class AttentionCounter:
       longer probabilities: the taint stops there.
     * A softmax feeding a product with a parameter (a learned projection of probabilities) is
       not attention and is not counted; attention over a learned memory (keys and values
-      parameters, as in some poolers) is missed for the same reason.
+      parameters, as in some poolers) is missed for the same reason. Learned *queries* are
+      counted: scores ``W @ xᵀ`` with the parameter as the left factor and an activation as the
+      right one (attention pooling, Inkling's attention over block states), whereas a linear layer
+      or router, ``x @ Wᵀ``, has its parameter on the right.
     * ``torch.ops`` calls a model makes to custom kernels are invisible unless they decompose
       into the ops above.
     """
 
-    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        parameters: Iterable[torch.Tensor] = (),
+        module_names: dict[int, str] | None = None,
+    ) -> None:
         self.sdpa_calls = 0
         self.softmax_calls = 0
         self.attention_softmaxes: set[int] = set()
+        #: the innermost module running at each softmax call and at each sdpa call
+        self._names = module_names or {}
+        self._module_stack: list[str] = []
+        self._softmax_modules: dict[int, str] = {}
+        self._sdpa_modules: list[str] = []
         self._param_storages = {p.untyped_storage().data_ptr() for p in parameters}
         self._taint: dict[int, tuple[torch.Tensor, int]] = {}
         self._scores: dict[int, torch.Tensor] = {}
@@ -140,6 +153,16 @@ class AttentionCounter:
     @property
     def sites(self) -> int:
         return self.sdpa_calls + len(self.attention_softmaxes)
+
+    @property
+    def site_modules(self) -> list[str]:
+        """The module path of every counted site (the innermost module the call ran in)."""
+        return self._sdpa_modules + [
+            self._softmax_modules.get(i, "") for i in sorted(self.attention_softmaxes)
+        ]
+
+    def _current_module(self) -> str:
+        return self._module_stack[-1] if self._module_stack else ""
 
     def _source(self, tensors: list[torch.Tensor]) -> set[int]:
         return {self._taint[id(t)][1] for t in tensors if id(t) in self._taint}
@@ -160,24 +183,29 @@ class AttentionCounter:
         name = func.overloadpacket.__name__
         if name in _FUSED_ATTENTION and not self._inside_sdpa:
             self.sdpa_calls += 1
+            self._sdpa_modules.append(self._current_module())
             return
         if func in _SOFTMAX:
             if self._inside_sdpa:
                 return
             self.softmax_calls += 1
+            self._softmax_modules[self.softmax_calls] = self._current_module()
             if self._is_score(args[0]):
                 self._mark(out, self.softmax_calls)
             return
         inputs = _tensors((args, kwargs))
         if func in _MATMUL:
             factors = [args[i] for i in _MATMUL[func]]
-            if not any(self._is_parameter(t) for t in factors):
+            left, right = (self._is_parameter(t) for t in factors)
+            if not left and not right:
                 # a product of two activations: a score product, or a value product when one
                 # factor carries softmax probabilities
                 self.attention_softmaxes.update(
                     self._taint[id(t)][1] for t in factors if id(t) in self._taint
                 )
                 self._scores[id(out)] = out
+            elif left and not right and id(factors[1]) not in self._taint:
+                self._scores[id(out)] = out  # learned queries against activation keys
             return
         results = [t for t in _tensors(out) if t.is_floating_point()]
         layout = name in _LAYOUT
@@ -210,6 +238,7 @@ class AttentionCounter:
                 kwargs = kwargs or {}
                 if func is torch.nn.functional.scaled_dot_product_attention:
                     counter.sdpa_calls += 1
+                    counter._sdpa_modules.append(counter._current_module())
                     counter._inside_sdpa += 1
                     try:
                         return func(*args, **kwargs)
@@ -224,8 +253,23 @@ class AttentionCounter:
                 counter.on_dispatch(func, args, kwargs, out)
                 return out
 
-        with _Functions(), _Dispatch():
-            yield self
+        def enter(module: nn.Module, *_: Any) -> None:
+            self._module_stack.append(self._names.get(id(module), self._current_module()))
+
+        def leave(module: nn.Module, *_: Any) -> None:
+            if self._module_stack:
+                self._module_stack.pop()
+
+        hooks = (
+            nn.modules.module.register_module_forward_pre_hook(enter),
+            nn.modules.module.register_module_forward_hook(leave, always_call=True),
+        )
+        try:
+            with _Functions(), _Dispatch():
+                yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
         self._taint.clear()
         self._scores.clear()
 
@@ -241,7 +285,8 @@ _MIXES = frozenset({"add", "sub", "rsub", "add_", "sub_"})
 def count_attention(model: nn.Module, inputs: dict[str, Any]) -> AttentionCounter:
     """Run ``model(**inputs)`` once and count its attention sites (:class:`AttentionCounter`)."""
     counter = AttentionCounter(
-        t for t in list(model.parameters()) + list(model.buffers()) if t.numel() > 0
+        (t for t in list(model.parameters()) + list(model.buffers()) if t.numel() > 0),
+        {id(m): name for name, m in model.named_modules()},
     )
     torch.manual_seed(0)
     with torch.no_grad(), counter.counting():
@@ -713,6 +758,11 @@ class SweepResult:
     reason: str = ""
     sites_found: int | None = None
     sites_expected: int | None = None
+    #: expected sites the finder looked at and refused with a reason (``report.rejected``) in
+    #: the module where the counter saw them
+    sites_refused: int = 0
+    #: counted calls torch.export removed as dead code (no output depends on them)
+    sites_dead: int = 0
     softmax_calls: int | None = None
     parity: float | None = None
     parity_shape: str = ""
@@ -728,7 +778,9 @@ class SweepResult:
 
     @property
     def sites_match(self) -> bool:
-        return self.capturable and self.sites_found == self.sites_expected
+        """Every counted site was found, refused with a reason, or removed as dead code."""
+        counted = self.sites_found + self.sites_refused + self.sites_dead
+        return self.capturable and self.sites_found is not None and counted == self.sites_expected
 
     @property
     def parity_ok(self) -> bool:
@@ -752,7 +804,9 @@ def _run(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 def check_model(built: Built, *, check_default_cache: bool = False) -> SweepResult:
     """Capture, count, compare, rewrite and run one built model (see the module docstring)."""
     import attnrewrite as ar
+    from attnrewrite.passes.pipeline import Pipeline
     from attnrewrite.rewriter.capture import capture
+    from attnrewrite.rewriter.rewrite import FIND_PASSES
 
     start = time.perf_counter()
     result = SweepResult(built.name, built.impl, "ok", notes=list(built.notes))
@@ -772,18 +826,31 @@ def check_model(built: Built, *, check_default_cache: bool = False) -> SweepResu
         result.failures.append(f"{check}: {_first_line(exc)}")
 
     try:
-        result.sites_found = len(ar.find_attention(program, kwargs=example))
-        in_graph = _graph_softmaxes(program)
-        if result.sites_expected > result.sites_found == in_graph:
-            # Calls the run made whose results no output depends on: torch.export removed them
-            # (the parity check below shows the outputs do not need them).
+        found = Pipeline(FIND_PASSES)(capture(program, kwargs=example).graph_module)
+        sites = [m.site for m in found["find"].stats["matches"]]
+        result.sites_found = len(sites)
+        refused = refused_sites(counter.site_modules, [s.name for s in sites], found.diagnostics)
+        result.sites_refused = len(refused)
+        if refused:
+            reasons = sorted({f"{r.module}: {r.reason}" for r in refused})
+            result.notes.append(f"{len(refused)} refused with a reason: " + "; ".join(reasons))
+        counted = result.sites_found + result.sites_refused
+        # after the find pipeline's dead-code elimination
+        in_graph = _graph_softmaxes(found.graph_module)
+        if result.sites_expected > counted == in_graph:
+            # Calls the run made whose results no output depends on: removed as dead code by
+            # torch.export or before the search (the parity check shows the outputs do not
+            # need them).
+            result.sites_dead = result.sites_expected - in_graph
             result.notes.append(
                 f"{result.sites_expected - in_graph} attention call(s) at run time are dead code "
-                f"torch.export removed; all {in_graph} in the captured graph were found"
+                f"(no output depends on them); the {in_graph} left were all found or refused"
             )
-        elif result.sites_found != result.sites_expected:
+        elif counted != result.sites_expected:
             result.failures.append(
-                f"count: found {result.sites_found}, expected {result.sites_expected}"
+                f"count: found {result.sites_found}"
+                + (f" and refused {result.sites_refused}" if refused else "")
+                + f", expected {result.sites_expected}"
             )
     except Exception as exc:  # noqa: BLE001
         failed("find_attention", exc)
@@ -828,10 +895,33 @@ def check_model(built: Built, *, check_default_cache: bool = False) -> SweepResu
     return result
 
 
-def _graph_softmaxes(program: Any) -> int:
-    """Softmax and sdpa nodes in a captured program (subgraphs of higher-order ops included)."""
+def refused_sites(
+    expected_modules: list[str], found_names: list[str], rejected: Iterable[Any]
+) -> list[Any]:
+    """The rejections that account for counted sites the finder did not take: per module, as
+    many rejections made in that module (or a submodule, or the module holding it) as it has
+    counted sites that were not found. A rejection elsewhere (a router, a pooling softmax) never
+    stands in for a missing site."""
+    missing = collections.Counter(expected_modules)
+    missing.subtract(name.split("#")[0] for name in found_names)
+    refused = []
+    for rejection in rejected:
+        for module, count in missing.items():
+            if count > 0 and _same_module(rejection.module, module):
+                missing[module] -= 1
+                refused.append(rejection)
+                break
+    return refused
+
+
+def _same_module(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _graph_softmaxes(graph_module: torch.fx.GraphModule) -> int:
+    """Softmax and sdpa nodes in a graph (subgraphs of higher-order ops included)."""
     count = 0
-    for module in program.graph_module.modules():
+    for module in graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):
             for node in module.graph.nodes:
                 name = str(node.target) if node.op == "call_function" else ""

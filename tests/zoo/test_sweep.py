@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnrewrite.site import Rejected
 from tests.zoo import sweep
 
 #: one model may not take longer than this (a hang fails its own test, not the whole run)
@@ -45,11 +46,11 @@ def _time_limit(seconds: int) -> Iterator[None]:
 
 def _assert_sweep_ok(result: sweep.SweepResult) -> None:
     if result.status == sweep.MODEL_NAN:
-        assert not result.failures and result.sites_found == result.sites_expected
+        assert not result.failures and result.sites_match
     if result.status in ("not buildable", "not capturable", sweep.MODEL_NAN):
         pytest.skip(f"{result.name} ({result.impl}) {result.status}: {result.reason}")
     assert not result.failures, f"{result.name} ({result.impl}): " + "; ".join(result.failures)
-    assert result.sites_found == result.sites_expected
+    assert result.sites_match
     assert result.parity is not None and result.parity <= sweep.PARITY_TOL
     assert result.linear_ok
 
@@ -156,6 +157,31 @@ class _HardAssignment(nn.Module):
         return (hard - soft.detach() + soft) @ x
 
 
+class _LearnedQueries(nn.Module):
+    """Attention pooling: learned queries (a parameter, the left factor) over activation keys and
+    values. Attention; a linear layer ``x @ Wᵀ`` has its parameter on the right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(3, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.queries.expand(x.shape[0], -1, -1) @ x.transpose(1, 2)
+        return scores.softmax(-1) @ x
+
+
+class _ProjectedMixture(nn.Module):
+    """Mixture weights from a linear layer (parameter on the right) applied to activations by a
+    matrix product: a router-like mix, not attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x).softmax(-1) @ x
+
+
 class _Sdpa(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = x.unflatten(-1, (2, 8)).transpose(1, 2)
@@ -171,6 +197,8 @@ class _Sdpa(nn.Module):
         (_ProbabilitiesIntoLinear(), 0),
         (_DynamicConvolution(), 0),
         (_HardAssignment(), 0),
+        (_LearnedQueries(), 1),
+        (_ProjectedMixture(), 0),
         (_Sdpa(), 1),  # its math fallback's own softmax is not counted again
         (nn.MultiheadAttention(16, 2, batch_first=True), 1),
     ],
@@ -180,6 +208,8 @@ class _Sdpa(nn.Module):
         "softmax-linear",
         "dynamic-convolution",
         "hard-assignment",
+        "learned-queries",
+        "projected-mixture",
         "sdpa",
         "nn.MultiheadAttention",
     ],
@@ -189,3 +219,26 @@ def test_independent_counter(module: nn.Module, sites: int) -> None:
     inputs = {"query": x, "key": x, "value": x} if isinstance(module, nn.MultiheadAttention) else {}
     counter = sweep.count_attention(module.eval(), inputs or {"x": x})
     assert counter.sites == sites
+    assert counter.site_modules == [""] * sites  # the root module ran every counted call
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = _Attention(), _LearnedQueries()
+        self.router = _Router()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x)) + self.router(x).mean()
+
+
+def test_counter_names_the_module_of_each_site_and_refusals_account_only_there() -> None:
+    counter = sweep.count_attention(_TwoBlocks().eval(), {"x": torch.randn(2, 5, 16)})
+    assert counter.site_modules == ["first", "second"]
+    rejected = [
+        Rejected("softmax_2", "router", "not attention"),  # elsewhere: stands in for nothing
+        Rejected("softmax_1", "second", "refused for a reason"),
+    ]
+    refused = sweep.refused_sites(counter.site_modules, ["first"], rejected)
+    assert [r.module for r in refused] == ["second"]
+    assert sweep.refused_sites(counter.site_modules, ["first", "second"], rejected) == []
