@@ -9,8 +9,9 @@ Issue 17 extended it to decoders and to several processes:
 - token-id batches, and an end-to-end step on the next-token KL to the original
   (``end_to_end_loss``); :func:`output_divergence` measures it on held-out batches;
 - LoRA adapters on the attention projections (``lora_rank``; :mod:`.lora`);
-- data-parallel calibration under ``torchrun`` (:mod:`.distributed`), and checkpoint/resume with
-  ``torch.distributed.checkpoint`` (:mod:`.checkpoint`);
+- data-parallel calibration under ``torchrun`` (:mod:`.distributed`), with the frozen weights
+  optionally sharded per layer with FSDP2 (``shard_frozen``; :mod:`.sharding`), and
+  checkpoint/resume with ``torch.distributed.checkpoint`` (:mod:`.checkpoint`);
 - results that serialise to JSON (:class:`CalibrationResult`).
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from attnrewrite.calibrate.result import (
     CalibrationResult,
     EndToEndCalibration,
+    FrozenSharding,
     LoRACalibration,
     SiteCalibration,
 )
@@ -30,6 +32,7 @@ from attnrewrite.calibrate.result import (
 __all__ = [
     "CalibrationResult",
     "EndToEndCalibration",
+    "FrozenSharding",
     "LoRACalibration",
     "SiteCalibration",
     "output_divergence",

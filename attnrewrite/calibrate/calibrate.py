@@ -83,6 +83,7 @@ from attnrewrite.calibrate.result import (
     LoRACalibration,
     SiteCalibration,
 )
+from attnrewrite.calibrate.sharding import sharded_frozen
 from attnrewrite.errors import CalibrationDivergedError, CalibrationError, CalibrationInputError
 from attnrewrite.rewriter.rewrite import RewrittenModel
 
@@ -150,6 +151,7 @@ def calibrate(
     max_seconds: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    shard_frozen: bool = False,
 ) -> CalibrationResult:
     """Train the rewritten sites' own parameters so each site imitates exact softmax attention.
 
@@ -227,12 +229,26 @@ def calibrate(
             reproduces an uninterrupted run when training is bounded by steps (not by
             ``max_seconds``). See :mod:`attnrewrite.calibrate.checkpoint`.
         checkpoint_every: optimiser steps between two saves (default 100).
+        shard_frozen: under ``torch.distributed`` (W > 1 ranks), shard the rewritten model's
+            frozen weights (its own copy of the original's) with FSDP2 while calibrating: the
+            graph is split into one stage per layer, each rank holds 1/W of every frozen weight,
+            and a layer's are all-gathered only while it runs; the variants' parameters and the
+            adapters stay replicated. The parameters trained are the same as without it (the
+            same computation from the same weights; bit for bit in the tests), and afterwards the
+            rewritten model holds its full weights again, bit-identical, so ``rw(...)``,
+            ``rw.state_dict()`` and ``rw.merge_lora()`` work as before. One layer's weights (plus
+            tied embeddings) must fit on a rank, and each rank holds the whole model before and
+            after the call; an exception other than
+            :class:`~attnrewrite.errors.CalibrationDivergedError` leaves the model unusable
+            (rewrite again). In a single process, or a group of one, it does nothing and the
+            results are the same. See :mod:`attnrewrite.calibrate.sharding`.
 
     Under ``torch.distributed`` (a default process group of W > 1 ranks, e.g. ``torchrun`` with
     the gloo backend on CPU) the call is the same on every rank: data sharded by rank, gradients
     summed over ranks before each step, so the parameters equal those of one process
     calibrating on global batches of W batches concatenated; progress shows on rank 0 and only
-    rank 0 writes ``result.save(path)``. See :mod:`attnrewrite.calibrate.distributed`.
+    rank 0 writes ``result.save(path)``; ``shard_frozen=True`` shards the frozen weights too.
+    See :mod:`attnrewrite.calibrate.distributed`.
 
     Returns:
         A :class:`~attnrewrite.calibrate.result.CalibrationResult`: one row per site with the
@@ -268,22 +284,31 @@ def calibrate(
 
     trainable = _unique(p for s in sites for p in s.parameters)
     snapshot = [p.detach().clone() for p in trainable]
-    run = None
     after: dict[str, float] = {}
+    sharding = None
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress_bar(progress and ranks.main))
         stack.enter_context(torch.random.fork_rng())
         torch.manual_seed(seed)
-        references = _record(model, sites, batches, bar, keep_outputs=bool(e2e_steps + lora_total))
-        output_loss = _output_loss(end_to_end_loss, references)
-        _normalisers(sites, loss, ranks)
+        # Frozen before recording (which runs without gradients anyway), so that the weights
+        # shard_frozen shards are frozen from the start.
         stack.enter_context(train_only(model, trainable))
-        before = {s.name: _site_error(s, ranks) for s in sites}
-        run = _Run(model, sites, trainable, batches, references, ranks, bar, output_loss)
-        if lora_rank is not None:
-            run.add_adapters(lora_rank, lora_alpha, seed)
-        resumed = run.resume(store)
+        run = _Run(model, sites, trainable, batches, ranks, bar)
         try:
+            if lora_rank is not None:
+                # With B = 0 the adapters change nothing until the LoRA stage trains them; they
+                # are in the graph before it is split into stages (shard_frozen).
+                run.add_adapters(lora_rank, lora_alpha, seed)
+            if shard_frozen and ranks.distributed:
+                sharding = stack.enter_context(sharded_frozen(model.graph_module, trainable, ranks))
+            with lora.disabled(model.graph_module):
+                run.references = _record(
+                    model, sites, batches, bar, keep_outputs=bool(e2e_steps + lora_total)
+                )
+            run.output_loss = _output_loss(end_to_end_loss, run.references)
+            _normalisers(sites, loss, ranks)
+            before = {s.name: _site_error(s, ranks) for s in sites}
+            resumed = run.resume(store)
             stopped, after, reverted = "steps", dict(before), set()
             if run.stage == "sites":
                 if run.step == 0:
@@ -328,8 +353,7 @@ def calibrate(
             raise
         except BaseException:
             _restore(trainable, snapshot)
-            if run is not None:
-                run.remove_adapters()
+            run.remove_adapters()
             raise
     return CalibrationResult(
         _rows(sites, before, after, reverted),
@@ -342,6 +366,7 @@ def calibrate(
         world_size=ranks.world,
         dropped_batches=dropped,
         resumed=resumed,
+        sharding=sharding,
     )
 
 
@@ -412,19 +437,18 @@ class _Run:
         sites: list[_Site],
         trainable: list[nn.Parameter],
         batches: list[Batch],
-        references: list[Any],
         ranks: Ranks,
         bar: _Bar,
-        output_loss: str,
     ) -> None:
         self.model = model
         self.sites = sites
         self.trainable = trainable
         self.batches = batches
-        self.references = references
         self.ranks = ranks
         self.bar = bar
-        self.output_loss = output_loss
+        #: The original model's outputs per batch, and the end-to-end loss: set once recorded.
+        self.references: list[Any] = []
+        self.output_loss = "mse"
         self.adapters: dict[str, LoRAAdapter] = {}
         self.missing: list[str] = []
         self.store: Checkpoint | None = None

@@ -15,7 +15,14 @@ CPU) with more than one rank, it
   the gradient of the loss of the global batch, as if one process had run the W batches
   concatenated. Data-parallel semantics, with the same parameters on every rank at every step;
 - reports the same table on every rank (errors are sums over ranks), shows progress on rank 0
-  only, and lets only rank 0 write result files (:meth:`CalibrationResult.save`).
+  only, and lets only rank 0 write result files (:meth:`CalibrationResult.save`);
+- with ``shard_frozen=True``, also **shards the frozen weights** (the rewritten model's own copy
+  of the original's) with FSDP2 for the length of the call: the graph is split into one stage per
+  layer, each rank holds 1/W of every frozen weight and gathers a layer's only while it runs,
+  while the parameters that train stay replicated and are summed as above. The trained
+  parameters are the same; afterwards the model holds its full weights again. Tested on CPU with
+  gloo (FSDP2 runs there on a ``cpu`` device mesh). See :mod:`attnrewrite.calibrate.sharding`
+  for how, and for its limits.
 
 A single process (no process group, or a group of one) runs exactly as before: every collective
 below is then the identity.
@@ -68,6 +75,12 @@ class Ranks:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def each(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order (one all-reduce)."""
+        values = torch.zeros(self.world, dtype=torch.float64)
+        values[self.rank] = value
+        return self.sum(values).tolist()
 
     def sum_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """Replace every gradient by its sum over ranks (one flat all-reduce). A parameter without

@@ -90,6 +90,27 @@ class LoRACalibration:
 
 
 @dataclasses.dataclass(frozen=True)
+class FrozenSharding:
+    """How the frozen weights were sharded during a calibration (``shard_frozen=True``).
+
+    Attributes:
+        stages: the per-layer stages the rewritten graph was split into, each gathered on its own.
+        parameters: frozen parameter numbers of the rewritten model (each tensor counted once).
+        held: per rank, the frozen numbers it held while calibrating (its shards, without
+            FSDP's padding).
+        largest_stage: the most frozen numbers one stage gathers at once.
+        shared: frozen numbers read by several stages (tied embeddings): sharded with the whole
+            model and gathered for the whole forward.
+    """
+
+    stages: int
+    parameters: int
+    held: tuple[int, ...]
+    largest_stage: int
+    shared: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CalibrationResult:
     """What :func:`~attnrewrite.calibrate.calibrate` did, as a table.
 
@@ -105,6 +126,8 @@ class CalibrationResult:
         dropped_batches: batches left out because they did not fill a global batch of
             ``world_size`` batches (0 in a single process).
         resumed: the stage and step a checkpoint was resumed from (``"sites@120"``), or ``None``.
+        sharding: how the frozen weights were sharded (``shard_frozen=True`` under
+            ``torch.distributed``), or ``None`` when they were not.
     """
 
     rows: tuple[SiteCalibration, ...]
@@ -118,6 +141,7 @@ class CalibrationResult:
     world_size: int = 1
     dropped_batches: int = 0
     resumed: str | None = None
+    sharding: FrozenSharding | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, dicts, numbers, strings): what :meth:`to_json` writes."""
@@ -137,6 +161,10 @@ class CalibrationResult:
             lora = dict(data["lora"])
             lora["adapters"], lora["missing"] = tuple(lora["adapters"]), tuple(lora["missing"])
             data["lora"] = LoRACalibration(**lora)
+        if data.get("sharding") is not None:
+            sharding = dict(data["sharding"])
+            sharding["held"] = tuple(sharding["held"])
+            data["sharding"] = FrozenSharding(**sharding)
         return cls(**data)
 
     @classmethod
@@ -179,6 +207,14 @@ class CalibrationResult:
             lines.append(
                 f"{self.world_size} processes (torch.distributed), data sharded by rank"
                 + (f"; {self.dropped_batches} batch(es) left out" if self.dropped_batches else "")
+            )
+        sharding = self.sharding
+        if sharding is not None:
+            lines.append(
+                f"frozen weights sharded (FSDP2) in {sharding.stages} stage(s): "
+                f"{max(sharding.held)} of {sharding.parameters} held per rank at most, "
+                f"{sharding.largest_stage} gathered for the largest stage"
+                + (f", {sharding.shared} shared by several" if sharding.shared else "")
             )
         if self.resumed:
             lines.append(f"resumed from a checkpoint at {self.resumed}")

@@ -210,14 +210,19 @@ def test_checkpoint_of_another_calibration_is_refused(fresh, streams, tmp_path) 
         calibrate(other, train[:2], steps=2, lora_rank=2, checkpoint=tmp_path, progress=False)
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batches(
-    decoder, fresh, streams, tmp_path
-) -> None:
-    train, _ = streams
-    batches = train[:4]
-    torch.save(decoder.state_dict(), tmp_path / "weights.pt")
-    torch.save(batches, tmp_path / "batches.pt")
-    options = {"steps": 6, "end_to_end": 3, "lora_rank": 2, "lora_steps": 3}
+#: The options of the two-process runs, and what each case adds.
+DISTRIBUTED_OPTIONS = {"steps": 6, "end_to_end": 3, "lora_rank": 2, "lora_steps": 3}
+DISTRIBUTED_CASES = {
+    "replicated": {},
+    "shard_frozen": {"shard_frozen": True, "checkpoint_every": 2},
+}
+
+
+def torchrun(decoder, batches, options, out: Path) -> dict:
+    """Calibrate on two gloo processes (``distributed_worker.py``): the result, and per rank the
+    parameters trained and what the worker saved afterwards."""
+    torch.save(decoder.state_dict(), out / "weights.pt")
+    torch.save(batches, out / "batches.pt")
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     run = subprocess.run(
@@ -228,9 +233,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batches(
             "--standalone",
             "--nproc_per_node=2",
             str(worker),
-            str(tmp_path / "weights.pt"),
-            str(tmp_path / "batches.pt"),
-            str(tmp_path),
+            str(out / "weights.pt"),
+            str(out / "batches.pt"),
+            str(out),
             json.dumps(options),
         ],
         capture_output=True,
@@ -239,22 +244,103 @@ def test_two_processes_equal_one_process_with_the_same_global_batches(
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (out / "result-0.json").exists() and not (out / "result-1.json").exists()
+    return {
+        "result": CalibrationResult.from_json((out / "result-0.json").read_text()),
+        "parameters": [torch.load(out / f"parameters-{r}.pt", weights_only=True) for r in (0, 1)],
+        "after": [torch.load(out / f"after-{r}.pt", weights_only=True) for r in (0, 1)],
+        "out": out,
+    }
+
+
+@pytest.fixture(scope="module")
+def two_processes(decoder, streams, tmp_path_factory):
+    """The same calibration on two processes, with the frozen weights replicated and sharded."""
+    batches = streams[0][:4]
+    runs = {}
+    for case, extra in DISTRIBUTED_CASES.items():
+        out = tmp_path_factory.mktemp(case)
+        if "checkpoint_every" in extra:  # checkpoints saved while sharded
+            extra = {**extra, "checkpoint": str(out / "checkpoint")}
+        runs[case] = torchrun(decoder, batches, {**DISTRIBUTED_OPTIONS, **extra}, out)
+    return runs
+
+
+def frozen_numel(decoder) -> int:
+    return sum(p.numel() for p in decoder.parameters())  # tied weights counted once
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batches(
+    decoder, fresh, streams, two_processes
+) -> None:
+    batches = streams[0][:4]
+    run = two_processes["replicated"]
     # Rank r keeps batches r, r + 2: a global batch is two of them, concatenated here.
     merged = [torch.cat(batches[k : k + 2]) for k in range(0, len(batches), 2)]
     rw = fresh()
-    single = calibrate(rw, merged, progress=False, seed=0, **options)
+    single = calibrate(rw, merged, progress=False, seed=0, **DISTRIBUTED_OPTIONS)
     want = variant_state(rw)
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"parameters-{rank}.pt", weights_only=True)
+    for got in run["parameters"]:
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert (tmp_path / "result-0.json").exists() and not (tmp_path / "result-1.json").exists()
-    shared = CalibrationResult.from_json((tmp_path / "result-0.json").read_text())
-    assert shared.world_size == 2 and shared.batches == 4
-    assert [r.error_after for r in shared.rows] == pytest.approx(
+    assert run["result"].world_size == 2 and run["result"].batches == 4
+    assert [r.error_after for r in run["result"].rows] == pytest.approx(
         [r.error_after for r in single.rows], rel=1e-3
     )
+    assert run["result"].sharding is None
+    with torch.no_grad():
+        logits = rw(input_ids=batches[0]).logits
+    for after in run["after"]:
+        torch.testing.assert_close(after["logits"], logits, rtol=1e-4, atol=1e-4)
+        # The worker's hook saw the rewritten model hold all its frozen weights while calibrating.
+        assert after["held_while_calibrating"] == frozen_numel(decoder)
+
+
+def test_sharded_frozen_weights_train_the_same_bits_holding_half_each(
+    decoder, two_processes
+) -> None:
+    replicated, sharded = two_processes["replicated"], two_processes["shard_frozen"]
+    # The same computation from the same weights, gathered instead of held: the same bits.
+    for got, want in zip(sharded["parameters"], replicated["parameters"], strict=True):
+        assert got.keys() == want.keys() and len(got) > 4
+        assert all(torch.equal(got[key], want[key]) for key in want)
+
+    def errors(result):
+        return [(r.error_before, r.error_after) for r in result.rows] + [
+            (stage.error_before, stage.error_after) for stage in (result.end_to_end, result.lora)
+        ]
+
+    assert errors(sharded["result"]) == errors(replicated["result"])
+    # While calibrating, the rewritten model's own full copies were released, and each rank held
+    # about half of every frozen weight (FSDP2 shards each along its first axis).
+    frozen = frozen_numel(decoder)
+    sharding = sharded["result"].sharding
+    assert sharding.stages == 2 and sharding.parameters == frozen
+    assert sum(sharding.held) == frozen and max(sharding.held) <= frozen // 2 + 64 * 3
+    assert sharding.shared == 256 * 64  # the tied embedding / output weight
+    assert "of 115008 held per rank at most" in str(sharded["result"])
+    assert (sharded["out"] / "checkpoint" / "LATEST").exists()
+    # Afterwards each rank's rewritten model is whole again, in a process without a group: the
+    # original weights bit for bit, the same logits, and LoRA merges.
+    for after, unsharded in zip(sharded["after"], replicated["after"], strict=True):
+        assert after["held_while_calibrating"] == 0
+        state = after["state"]
+        assert all(torch.equal(state[k], v) for k, v in decoder.state_dict().items())
+        assert torch.equal(after["logits"], unsharded["logits"])
+        assert after["merged"] == 8  # q, k, v and o of both layers
+        torch.testing.assert_close(after["merged_logits"], after["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_shard_frozen_in_one_process_changes_nothing(fresh, streams) -> None:
+    train, _ = streams
+    states = []
+    for shard in (False, True):
+        rw = fresh()
+        result = calibrate(rw, train[:2], steps=3, seed=0, shard_frozen=shard, progress=False)
+        assert result.sharding is None
+        states.append(variant_state(rw))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_bad_decoder_options_give_clear_errors(fresh, streams) -> None:
