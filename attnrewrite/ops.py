@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, fx
 
 from attnrewrite.site import AttentionSite, MaskClass
+from attnrewrite.variants.kernel_core import DECOMPOSITIONS as KERNEL_DECOMPOSITIONS
 from attnrewrite.variants.softmax import exact_attention
 
 #: Node meta key holding a canonical node's :class:`AttentionSite` (also encoded in ``site=``).
@@ -158,7 +159,7 @@ def operands(node: fx.Node) -> dict[str, Any]:
 
 
 #: ``{op: decomposition}`` for ``ExportedProgram.run_decompositions`` / compiler tables.
-DECOMPOSITIONS = {ATTENTION: decompose}
+DECOMPOSITIONS = {ATTENTION: decompose, **KERNEL_DECOMPOSITIONS}
 
 
 def register_inductor_decomposition() -> None:

@@ -2,14 +2,17 @@
 
 For each sequence length N (batch 1, H heads of size d, float32, non-causal by default) and each
 variant — ``F.scaled_dot_product_attention`` as the exact baseline, ``linear`` and the kernel
-family — the script measures, eager and under ``torch.compile`` (Inductor, ``dynamic=False``, so
-one compilation per length):
+family, ``local`` (a sliding window of ``WINDOW``), and the *peers* a user would pick instead,
+``performer-pytorch`` and lucidrains' ``local-attention``, set up to compute the same function
+(our feature count; exact windows) — the script measures, eager and under ``torch.compile``
+(Inductor, ``dynamic=False``, so one compilation per length):
 
 - time: the median of ``--repeats`` forward passes after ``--warmup`` untimed ones (the first of
   which compiles), fewer repeats when one pass is slow (``--budget`` seconds per configuration);
   elapsed time by default, or with ``--clock cpu`` the worker's CPU time, which on a machine
   shared with other jobs leaves out their time slices (use it with ``--threads 1``);
-- achieved GFLOP/s from an analytic count of the matrix products (``flop_count``), and that as a
+- achieved GFLOP/s from an analytic count of the matrix products the algorithm performs
+  (``flop_count``; for windows only the pairs of the pattern, 2w + 1 keys per query), and that as a
   fraction of this machine's float32 matmul rate, measured in the same run with the same threads
   (a large square ``torch.mm``);
 - peak memory, from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. Every configuration runs in a
@@ -32,6 +35,9 @@ Usage::
     python benchmarks/kernel_variants.py                      # N = 1K..16K, all variants
     python benchmarks/kernel_variants.py --lengths 1024 4096 --variants linear performer sdpa
     python benchmarks/kernel_variants.py --json out.json --markdown table.md --threads 1 --clock cpu
+    # the peer benchmark: ours against the libraries a user would pick (pip install -e '.[peers]')
+    python benchmarks/kernel_variants.py --threads 1 --clock cpu --lengths 1024 4096 16384 \
+        --variants sdpa linear performer performer-pytorch local local-attention [--causal]
 """
 
 from __future__ import annotations
@@ -53,7 +59,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_VARIANTS = ("linear", "kernel", "performer", "rfa", "cosformer", "t2r", "hedgehog")
-ALL_VARIANTS = ("sdpa", *KERNEL_VARIANTS)
+#: Sliding-window attention |i − j| <= WINDOW (ours; ``local-attention`` with exact windows).
+WINDOW = 64
+#: What a user would pick instead (``pip install performer-pytorch local-attention``), run with
+#: the same definitions: Performer's FAVOR+ with our feature count, exact sliding windows.
+PEERS = ("performer-pytorch", "local-attention")
+ALL_VARIANTS = ("sdpa", *KERNEL_VARIANTS, "local", *PEERS)
 MODES = ("eager", "compile")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 RESULT_TAG = "RESULT "
@@ -74,6 +85,7 @@ def feature_count(variant: str, dim: int) -> int:
         "linear": dim,
         "kernel": dim,
         "performer": default_num_features(dim),
+        "performer-pytorch": default_num_features(dim),
         "rfa": 2 * default_num_features(dim),  # [sin, cos]
         "cosformer": 2 * dim,  # [relu·cos, relu·sin]
         "t2r": dim,
@@ -81,7 +93,9 @@ def feature_count(variant: str, dim: int) -> int:
     }[variant]
 
 
-def flop_count(variant: str, length: int, heads: int, dim: int, causal: bool, chunk: int) -> float:
+def flop_count(
+    variant: str, length: int, heads: int, dim: int, causal: bool, chunk: int | None
+) -> float:
     """Floating-point operations of the matrix products of one forward (2 per multiply-add).
 
     Elementwise work (exp, elu, sin/cos, normalisation) is not counted: the figure is how much of
@@ -89,14 +103,30 @@ def flop_count(variant: str, length: int, heads: int, dim: int, causal: bool, ch
     """
     if variant == "sdpa":
         return (2.0 if causal else 4.0) * heads * length * length * dim
+    if variant in ("local", "local-attention"):
+        # only the pairs of the pattern: 2w + 1 keys per query (w + 1 causal), edges excepted
+        pairs = sum(
+            min(length - 1, i + (0 if causal else WINDOW)) - max(0, i - WINDOW) + 1
+            for i in range(length)
+        )
+        return 4.0 * heads * pairs * dim
     m = feature_count(variant, dim)
-    projected = {"performer": m, "rfa": m // 2, "t2r": m, "hedgehog": m // 2}.get(variant, 0)
+    projected = {
+        "performer": m, "performer-pytorch": m, "rfa": m // 2, "t2r": m, "hedgehog": m // 2
+    }.get(variant, 0)  # fmt: skip
     features = 2.0 * 2 * heads * length * dim * projected  # W·q and W·k
-    if not causal:
-        core = 2.0 * heads * length * m * (2 * dim + 2)  # φKᵀV, φQ·S, normaliser
+    if not causal or variant == "performer-pytorch":
+        # φKᵀV, φQ·S, normaliser; performer-pytorch's causal form is a per-position prefix sum
+        # of the m x d states, the same products
+        core = 2.0 * heads * length * m * (2 * dim + 2)
     else:
+        # chunked: scores and values inside each chunk, chunk states φKᵀV and their reading
+        # φQ·S, the normaliser's key sums and their reading
+        from attnrewrite.variants.kernel_core import default_chunk
+
+        chunk = chunk or default_chunk(m)
         padded = max(math.ceil(length / chunk), 2) * chunk
-        core = 2.0 * heads * padded * (chunk * m + chunk * (dim + 1) + 2 * m * (dim + 1))
+        core = 2.0 * heads * padded * (chunk * (m + dim + 1) + 2 * m * dim + 2 * m)
     return features + core
 
 
@@ -143,6 +173,9 @@ def _build(variant: str, heads: int, dim: int, causal: bool, seed: int):
 
         return attend
 
+    if variant in PEERS:
+        return _build_peer(variant, dim, causal, seed)
+
     site = AttentionSite(
         name="bench",
         kind="sdpa",
@@ -156,12 +189,46 @@ def _build(variant: str, heads: int, dim: int, causal: bool, seed: int):
     )
     # The generic variant with a map that is not linear's elu + 1, so both are measured.
     options = {"feature_map": F.softplus} if variant == "kernel" else {}
+    if variant == "local":
+        options = {"window": WINDOW}
     module = get_variant(variant)(site, seed=seed, **options).eval()
 
     def attend(query, key, value):
         return module(query, key, value, causal=causal, scale=scale)
 
     return attend
+
+
+def _build_peer(variant: str, dim: int, causal: bool, seed: int):
+    """The library a user would pick instead, configured to compute what ours computes."""
+    import importlib.util
+
+    import torch
+
+    package = {"performer-pytorch": "performer_pytorch", "local-attention": "local_attention"}
+    if importlib.util.find_spec(package[variant]) is None:
+        raise RuntimeError(f"{variant} is not installed: pip install -e '.[peers]'")
+    torch.manual_seed(seed)
+    if variant == "performer-pytorch":
+        from performer_pytorch import FastAttention
+
+        from attnrewrite.variants.base import default_num_features
+
+        module = FastAttention(dim, nb_features=default_num_features(dim), causal=causal).eval()
+        return lambda query, key, value: module(query, key, value)
+    from local_attention import LocalAttention
+
+    module = LocalAttention(
+        window_size=WINDOW,
+        causal=causal,
+        look_backward=1,
+        look_forward=0 if causal else 1,
+        exact_windowsize=True,  # |i − j| <= w, as ours
+        autopad=True,
+        use_rotary_pos_emb=False,
+        dim=dim,
+    ).eval()
+    return lambda query, key, value: module(query, key, value)
 
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -408,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                     "threads": args.threads,
                     "seed": args.seed,
                     "clock": args.clock,
-                    "chunk": 64,  # kernel_core.DEFAULT_CHUNK, the variants' default
+                    "chunk": None,  # the variants' default: kernel_core.default_chunk(m)
                 }
                 result = run_config(config, args.system_malloc, args.timeout)
                 results.append(result)

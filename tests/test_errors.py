@@ -143,17 +143,17 @@ def test_uncapturable_model_names_the_dynamo_path(call: str) -> None:
         (
             "linear",
             {"chunk_size": "big"},
-            r"option chunk_size='big' of variant 'linear' must be of type int, not str",
+            r"option chunk_size='big' of variant 'linear' must be of type int \| None, not str",
         ),
         (
             "linear",
             {"chunk_size": True},
-            r"option chunk_size=True of variant 'linear' must be of type int, not bool",
+            r"option chunk_size=True of variant 'linear' must be of type int \| None, not bool",
         ),
         (
             "linear",
             {"chunk_size": 2.5},
-            r"option chunk_size=2\.5 of variant 'linear' must be of type int, not float",
+            r"option chunk_size=2\.5 of variant 'linear' must be of type int \| None, not float",
         ),
         (
             "performer",

@@ -29,9 +29,11 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnrewrite.variants.base import compute_dtype
+from attnrewrite.variants.kernel_core import chunk_first, unchunk_queries
 
 #: (query positions, key positions) -> bool, broadcasting; both int64 tensors.
 PairPredicate = Callable[[Tensor, Tensor], Tensor]
@@ -331,3 +333,113 @@ def _group_partials(
         return base.index_copy(2, target, stat).narrow(2, 0, q_len)
 
     return to_rows(row_max, float("-inf")), to_rows(row_total, 0.0), to_rows(row_weighted, 0.0)
+
+
+# -- the band fast path ----------------------------------------------------------------------------
+
+
+def band_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    window: int,
+    block: int,
+    causal: bool,
+    bias: Tensor | None = None,
+    scale: float = 1.0,
+    inside: Tensor | None = None,
+) -> Tensor:
+    """Exact softmax self-attention over a sliding window |i − j| <= w (causal: 0 <= i − j <= w).
+
+    The same result as :func:`pattern_attention` with a band segment, computed as dense batched
+    products without gathers: the keys are padded by R = ⌈w / b⌉ blocks on each side and, for
+    every block of b queries, its 2R + 1 neighbouring key blocks (R + 1 causal) are laid side by
+    side by concatenating shifted slices (one copy of K and V per block of the window); scores,
+    the window predicate and the softmax then live in (B, Hkv, blocks, G·b, (2R + 1)·b). The
+    predicate depends only on the offsets inside a block (a constant (b, (2R + 1)·b) table), and
+    key positions outside [0, Nk) get the padded bias -inf, so no index arithmetic runs per pair.
+
+    Args:
+        query: (B, H, N, d).
+        key: (B, Hkv, N, d), H % Hkv == 0: as many keys as queries (self-attention; a cross
+            site takes the general core).
+        value: (B, Hkv, N, dv).
+        window: w >= 0.
+        block: b >= 1, the query block (and key block) size.
+        causal: keep only j <= i as well.
+        bias: additive key bias (B|1, 1|H, Nk) (a key-only mask, 0 / -inf for booleans), or None.
+        scale: factor on q·k.
+        inside: :func:`band_table` of the same arguments, if the caller keeps one (a table
+            built in the graph is recomputed inside the fused softmax kernel, at a cost).
+
+    Returns:
+        (B, H, Nq, dv) in the dtype of ``query``; rows with no allowed key are 0.
+    """
+    out_dtype, acc = query.dtype, compute_dtype(query.dtype)
+    batch, heads, q_len = query.shape[:3]
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    reach = ceil_div(window, block) if window else 0
+    before, after = reach, 0 if causal else reach
+    # Query blocks, at least 2; sym_max keeps "padded = blocks · b" a product torch.export's
+    # solver can divide (⌈N/b⌉ + 1 would expand to b·⌈N/b⌉ + b, which it cannot).
+    count = torch.sym_max(ceil_div(q_len, block), 2)
+    padded = count * block
+    # Block axis first, everything a batch of (blocks·B·Hkv) block problems multiplied with bmm:
+    # as in kernel_core's chunked form, shapes only split an axis leaving the symbolic part to
+    # -1 or merge axes that start with the symbolic one, so torch.export keeps lengths dynamic.
+    q = F.pad(query.to(acc), (0, 0, 0, padded - q_len)).unflatten(1, (kv_heads, group))
+    q = chunk_first(q, block).flatten(3, 4).flatten(0, 2)  # (blocks·B·Hkv, G·b, d)
+
+    def windows(x: Tensor, fill: float) -> Tensor:
+        # (B', H', N, e) -> (blocks, B', H', W, e): for block c, key blocks c − before .. c +
+        # after side by side; keys outside [0, N) read the fill. The blocks outside are added
+        # on the block axis, not by padding the sequence: a length of (blocks + R)·b would be a
+        # sum the solver cannot divide by b.
+        x = chunk_first(F.pad(x, (0, 0, 0, padded - k_len), value=fill), block)
+        edge = x.new_full((1, *x.shape[1:]), fill)
+        x = torch.cat([edge.expand(before, *x.shape[1:]), x, edge.expand(after, *x.shape[1:])])
+        return torch.cat([x.narrow(0, r, count) for r in range(before + after + 1)], dim=-2)
+
+    k = windows(key.to(acc), 0.0).flatten(0, 2)  # (blocks·B·Hkv, W, d)
+    v = windows(value.to(acc), 0.0).flatten(0, 2)
+    scores = torch.bmm(q, k.transpose(1, 2)) * scale
+    scores = scores.unflatten(0, (-1, batch, kv_heads)).unflatten(3, (group, block))
+    # (blocks, B, Hkv, G, b, W): the window predicate on offsets inside a block, and the padding
+    if inside is None:
+        inside = band_table(window, block, causal, query.device)
+    width = inside.shape[-1]
+    slots = torch.arange(width, device=query.device) - before * block
+    j = (torch.arange(count, device=query.device) * block)[:, None] + slots[None, :]
+    keep = inside[None, :, :] & ((j >= 0) & (j < k_len))[:, None, :]  # (blocks, b, W)
+    scores = scores.masked_fill(~keep[:, None, None, None], float("-inf"))
+    if bias is not None:
+        bias = windows(bias.to(acc).unsqueeze(-1), float("-inf")).squeeze(-1)
+        if bias.shape[2] == 1:  # (blocks, B|1, 1, W)
+            bias = bias[:, :, :, None, None, :]
+        else:  # per query head: (blocks, B|1, H, W)
+            bias = bias.unflatten(2, (kv_heads, group)).unsqueeze(-2)
+        scores = scores + bias
+    if bias is None:  # every query sees at least itself: the plain softmax
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
+    else:
+        top = finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
+        weights = torch.exp(scores - top)
+        total = weights.sum(dim=-1, keepdim=True)  # (blocks, B, Hkv, G, b, 1)
+        # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
+    out = unchunk_queries(q_len, padded, batch, kv_heads, group, block)(out)
+    return out.flatten(1, 2).to(out_dtype)  # (B, H, Nq, dv)
+
+
+def band_table(window: int, block: int, causal: bool, device=None) -> Tensor:
+    """The window predicate of :func:`band_attention` on offsets inside a block: (b, W) bool, True
+    where query a of a block may read key slot s of its window (j − i = s − R·b − a)."""
+    reach = ceil_div(window, block) if window else 0
+    width = (2 * reach + 1 - (reach if causal else 0)) * block
+    offset = torch.arange(width, device=device)[None, :] - reach * block
+    offset = offset - torch.arange(block, device=device)[:, None]
+    return (offset <= 0 if causal else offset <= window) & (offset >= -window)

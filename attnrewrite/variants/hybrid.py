@@ -58,7 +58,7 @@ def window_kernel_attention(
     key_weights: Tensor | None = None,
     causal: bool = False,
     scale: float = 1.0,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     eps: float = 1e-6,
 ) -> Tensor:
     """Hybrid attention (see the module docstring).
@@ -73,7 +73,7 @@ def window_kernel_attention(
         key_weights: (B|1, 1|Hkv|H, Nk) non-negative per-key weights, or None.
         causal: restrict key j to j <= i.
         scale: factor on q·k in the exact region.
-        chunk_size: chunk of the causal kernel pass.
+        chunk_size: chunk of the causal kernel pass (None: from the feature size).
         eps: the normaliser is clamped to at least ``eps`` (rows with no allowed key give 0).
 
     Returns:

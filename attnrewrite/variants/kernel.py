@@ -30,10 +30,10 @@ from attnrewrite.variants.kernel_core import (
 class KernelOptions:
     """Options every kernel variant has."""
 
-    chunk_size: int = DEFAULT_CHUNK
+    chunk_size: int | None = DEFAULT_CHUNK  # None: from the feature size (default_chunk)
 
     def check(self) -> str | None:
-        if self.chunk_size <= 0:
+        if self.chunk_size is not None and self.chunk_size <= 0:
             return f"chunk_size must be positive, got {self.chunk_size}"
         return None
 

@@ -33,7 +33,20 @@ from torch import Tensor
 
 from attnrewrite.variants.base import compute_dtype
 
-DEFAULT_CHUNK = 64
+#: ``chunk_size=None``: the chunk follows the feature size (:func:`default_chunk`).
+DEFAULT_CHUNK = None
+
+
+def default_chunk(features: int) -> int:
+    """The causal chunk for m features: m rounded up to a power of two, within [32, 128].
+
+    Measured under Inductor on one CPU thread at N = 4096 with m = dv (BENCHMARKS.md, issue 15):
+    the fastest chunk was 32 for m = 32, 64 for m = 64, and 64 or 128 (equal) for m = 128. A
+    larger chunk spends more on the exact products inside it (O(N·C·(m + dv))), a smaller one
+    more on the carried states (O(N/C · m·dv) summed and read per chunk).
+    """
+    return min(max(32, 1 << (features - 1).bit_length()), 128)
+
 
 #: The recurrent state of causal kernel attention: S (B, Hs, m, dv) and z (B, Hs, m).
 KernelState = tuple[Tensor, Tensor]
@@ -74,7 +87,7 @@ def kernel_attention(
     *,
     key_weights: Tensor | None = None,
     causal: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     eps: float = 1e-6,
     log_decay: Tensor | None = None,
 ) -> Tensor:
@@ -86,7 +99,7 @@ def kernel_attention(
         value: (B, Hkv, Nk, dv).
         key_weights: (B|1, 1|Hkv|H, Nk) non-negative per-key weights, or None.
         causal: restrict key j to j <= i.
-        chunk_size: causal chunk length C.
+        chunk_size: causal chunk length C; None picks :func:`default_chunk` of m.
         eps: the normaliser is clamped to at least ``eps``.
         log_decay: (B|1, 1|Hkv|H, Nk) log of the per-position decay g_t (<= 0), causal only.
 
@@ -115,7 +128,7 @@ def kernel_sums(
     *,
     key_weights: Tensor | None = None,
     causal: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     log_decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The numerator Σ_j A_ij v_j (B, H, Nq, dv) and normaliser Σ_j A_ij (B, H, Nq) of
@@ -136,7 +149,8 @@ def kernel_sums(
     else:
         if log_decay is not None:
             log_decay = match_heads(log_decay.to(acc), kv_heads)
-        num, den = _causal_chunked(q, phi_k, value, chunk_size, log_decay)
+        chunk = default_chunk(phi_q.shape[-1]) if chunk_size is None else chunk_size
+        num, den = _causal_chunked(q, phi_k, value, chunk, log_decay)
     return num.flatten(1, 2), den.flatten(1, 2)
 
 
@@ -176,34 +190,130 @@ def _causal_chunked(
     # or merging axes that start with the symbolic one (flatten), and crops are negative pads:
     # torch.export's solver cannot prove the divisibility facts that other orders or general
     # reshapes, batched einsum or slicing ask about a symbolic length, and would specialise it.
-    qc = _chunk_first(F.pad(q, (0, 0, 0, padded - q_len)), chunk)  # (C#, B, Hkv, G, C, m)
+    if log_decay is None:
+        return _plain_chunked(q, k, v, chunk, padded)
+    qc = chunk_first(F.pad(q, (0, 0, 0, padded - q_len)), chunk)  # (C#, B, Hkv, G, C, m)
     qc = qc.flatten(3, 4).flatten(0, 2)  # (C#·B·Hkv, G·C, m): the chunk's queries of one group
-    kc = _chunk_first(F.pad(k, (0, 0, 0, padded - k_len)), chunk).flatten(0, 2)
-    # The normaliser rides along as an extra value column of ones (see _non_causal).
-    ones = torch.ones_like(v[..., :1])
-    vc = F.pad(torch.cat([v, ones], dim=-1), (0, 0, 0, padded - k_len))
-    vc = _chunk_first(vc, chunk).flatten(0, 2)  # (C#·B·Hkv, C, dv+1)
+    kc = chunk_first(F.pad(k, (0, 0, 0, padded - k_len)), chunk).flatten(0, 2)
     keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     scores = torch.bmm(qc, kc.transpose(1, 2)).unflatten(1, (g, chunk))
-    if log_decay is None:
-        chunk_state = torch.bmm(kc.transpose(1, 2), vc).unflatten(0, (-1, b * h))
-        # Exclusive prefix over chunks: the inclusive one shifted by one chunk (pad one in front,
-        # crop one at the end), which avoids the cancellation of cumsum − self.
-        prefix = F.pad(chunk_state.cumsum(dim=0), (0, 0, 0, 0, 0, 0, 1, -1))
-        carried = torch.bmm(qc, prefix.flatten(0, 1))
-        scores = scores * keep.to(scores.dtype)
-    else:
-        log_decay = F.pad(log_decay, (0, padded - k_len)).expand(b, h, -1)
-        carried, decay = _decayed_prefix(qc, kc, vc, log_decay, keep, (b * h, g, chunk))
-        scores = scores * decay.unsqueeze(1)
-    # Inside a chunk: the exact lower-triangular product.
+    # The normaliser rides along as an extra value column of ones.
+    ones = torch.ones_like(v[..., :1])
+    vc = F.pad(torch.cat([v, ones], dim=-1), (0, 0, 0, padded - k_len))
+    vc = chunk_first(vc, chunk).flatten(0, 2)  # (C#·B·Hkv, C, dv+1)
+    log_decay = F.pad(log_decay, (0, padded - k_len)).expand(b, h, -1)
+    carried, decay = _decayed_prefix(qc, kc, vc, log_decay, keep, (b * h, g, chunk))
+    scores = scores * decay.unsqueeze(1)
     out = carried + torch.bmm(scores.flatten(1, 2), vc)  # (C#·B·Hkv, G·C, dv+1)
-    out = out.unflatten(0, (-1, b, h)).unflatten(3, (g, chunk)).permute(1, 2, 3, 0, 4, 5)
-    out = F.pad(out.contiguous().flatten(3, 4), (0, 0, 0, q_len - padded))  # (B, Hkv, G, Nq, ·)
+    out = unchunk_queries(q_len, padded, b, h, g, chunk)(out)
     return out[..., :dv], out[..., dv]
 
 
-def _chunk_first(x: Tensor, chunk: int) -> Tensor:
+def _plain_chunked(q: Tensor, k: Tensor, v: Tensor, chunk: int, padded) -> tuple[Tensor, Tensor]:
+    """Causal kernel attention without decay, chunked (the common case).
+
+    q: (B, Hkv, G, Nq, m); k: (B, Hkv, Nk, m); v: (B, Hkv, Nk, dv). With static lengths the
+    chunks stay where they are in memory: (B, Hkv, P, ·) is viewed as a batch of (B·Hkv·C#)
+    chunk problems, so keys, values and (without grouped heads) queries and outputs are never
+    copied into another layout, and the chunk states are summed along their chunk axis. With a
+    symbolic length (torch.export) the chunk axis goes first, (C#·B·Hkv): the exporter's solver
+    proves the divisibility facts of that order only (see :func:`_causal_chunked`).
+    """
+    q_len = q.shape[-2]
+    b, h, g = q.shape[0], q.shape[1], q.shape[2]
+    q, k, v = (F.pad(x, (0, 0, 0, padded - x.shape[-2])) for x in (q, k, v))
+    if isinstance(padded, int):
+        qc = q.unflatten(3, (-1, chunk)).transpose(2, 3)  # (B, Hkv, C#, G, C, m)
+        qc = qc.flatten(3, 4).flatten(0, 2)  # (B·Hkv·C#, G·C, m); a view if G = 1
+        kc, vc = (x.unflatten(2, (-1, chunk)).flatten(0, 2) for x in (k, v))
+        per_head, chunk_axis = (b * h, -1), 1
+
+        def unchunk(x: Tensor) -> Tensor:
+            x = x.unflatten(0, (b, h, -1)).unflatten(3, (g, chunk)).transpose(2, 3)
+            return F.pad(x.flatten(3, 4), (0, 0, 0, q_len - padded))
+    else:
+        qc = chunk_first(q, chunk).flatten(3, 4).flatten(0, 2)  # (C#·B·Hkv, G·C, m)
+        kc, vc = (chunk_first(x, chunk).flatten(0, 2) for x in (k, v))
+        per_head, chunk_axis = (-1, b * h), 0
+        unchunk = unchunk_queries(q_len, padded, b, h, g, chunk)
+    keep = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = torch.bmm(qc, kc.transpose(1, 2)).unflatten(1, (g, chunk))
+    scores = (scores * keep.to(scores.dtype)).flatten(1, 2)  # (·, G·C, C)
+    # Per chunk, the state Kᵀ V and the key sum Σ φ(k) (the normaliser's state), kept apart: a
+    # ones column on V would make every product dv + 1 wide, a size matmul kernels handle far
+    # worse than dv. The state carried into a chunk sums the states of the chunks before it.
+    chunk_state = torch.bmm(kc.transpose(1, 2), vc).unflatten(0, per_head)
+    chunk_norm = kc.sum(dim=1).unflatten(0, per_head)
+    prefix = exclusive_prefix_sum(chunk_state, chunk_axis).flatten(0, 1)  # (·, m, dv)
+    prefix_norm = exclusive_prefix_sum(chunk_norm, chunk_axis).flatten(0, 1)
+    # Earlier chunks through the carried state, then the exact lower-triangular product inside
+    # the chunk.
+    num = torch.baddbmm(torch.bmm(qc, prefix), scores, vc)  # (·, G·C, dv)
+    den = (qc * prefix_norm.unsqueeze(1)).sum(dim=-1) + scores.sum(dim=-1)
+    return unchunk(num), unchunk(den.unsqueeze(-1)).squeeze(-1)
+
+
+def unchunk_queries(q_len, padded: int, b: int, h: int, g: int, chunk: int):
+    """(C#·B·Hkv, G·C, e) -> (B, Hkv, G, Nq, e): the chunked queries back in sequence order, the
+    padding cropped (a negative pad)."""
+
+    def unchunk(x: Tensor) -> Tensor:
+        x = x.unflatten(0, (-1, b, h)).unflatten(3, (g, chunk)).permute(1, 2, 3, 0, 4, 5)
+        return F.pad(x.flatten(3, 4), (0, 0, 0, q_len - padded))
+
+    return unchunk
+
+
+def exclusive_prefix_sum(x: Tensor, dim: int = 0) -> Tensor:
+    """Σ_{c' < c} x[c'] along ``dim`` (zero at c = 0): the states carried into each chunk.
+
+    One call of the op ``attnrewrite::exclusive_prefix_sum``, whose kernel adds one slice at a
+    time into a preallocated output: a memory-bound pass at the speed of a copy. ``aten.cumsum``
+    along a leading axis (Inductor has no CPU lowering for scans and calls it) takes about five
+    times as long on these shapes, the largest cost of causal kernel attention after the
+    products. For ONNX the op decomposes into ``cumsum`` (:data:`DECOMPOSITIONS`)."""
+    return torch.ops.attnrewrite.exclusive_prefix_sum(x, dim % x.dim())
+
+
+def _prefix_sum_decomposition(x: Tensor, dim: int) -> Tensor:
+    """The op in ``aten`` terms: the inclusive sum shifted by one (pad one in front, crop one at
+    the end), which avoids the cancellation of cumsum − self."""
+    pad = [0, 0] * (x.dim() - 1 - dim) + [1, -1]
+    return F.pad(x.cumsum(dim=dim), pad)
+
+
+@torch.library.custom_op("attnrewrite::exclusive_prefix_sum", mutates_args=())
+def _prefix_sum_kernel(x: Tensor, dim: int) -> Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[dim] == 0:
+        return out
+    out.select(dim, 0).zero_()
+    for c in range(1, x.shape[dim]):
+        torch.add(out.select(dim, c - 1), x.select(dim, c - 1), out=out.select(dim, c))
+    return out
+
+
+@_prefix_sum_kernel.register_fake
+def _prefix_sum_fake(x: Tensor, dim: int) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _prefix_sum_setup(ctx, inputs, output) -> None:
+    ctx.dim = inputs[1]
+
+
+def _prefix_sum_backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    # out[c] = Σ_{c' < c} x[c'], so dx[c] = Σ_{c > c'} grad[c]: the same sum from the other end.
+    return exclusive_prefix_sum(grad.flip(ctx.dim), ctx.dim).flip(ctx.dim), None
+
+
+_prefix_sum_kernel.register_autograd(_prefix_sum_backward, setup_context=_prefix_sum_setup)
+
+#: Decompositions of this module's ops into ``aten``, for exporters (see ``attnrewrite.ops``).
+DECOMPOSITIONS = {torch.ops.attnrewrite.exclusive_prefix_sum.default: _prefix_sum_decomposition}
+
+
+def chunk_first(x: Tensor, chunk: int) -> Tensor:
     """(B, Hkv, [G,] P, d) -> (P/C, B, Hkv, [G,] C, d), contiguous."""
     x = x.unflatten(-2, (-1, chunk))
     order = (x.dim() - 3, *range(x.dim() - 3), x.dim() - 2, x.dim() - 1)
@@ -221,7 +331,7 @@ def _decayed_prefix(
     (C#·B·Hkv, C, C), zero above the diagonal.
     """
     heads, g, chunk = dims  # heads = B·Hkv
-    local = _chunk_first(log_decay.unsqueeze(-1), chunk).squeeze(-1).flatten(1, 2)
+    local = chunk_first(log_decay.unsqueeze(-1), chunk).squeeze(-1).flatten(1, 2)
     local = local.cumsum(dim=-1)  # (C#, B·Hkv, C): G_a, the log-decay from the chunk start to a
     total = local[..., -1]  # log-decay across a whole chunk
     # exp(G_a - G_b) for b <= a; differences are <= 0, masked to -inf above the diagonal *before*

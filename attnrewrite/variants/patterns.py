@@ -29,7 +29,9 @@ from attnrewrite.variants.blockwise import (
     KeySegment,
     PairPredicate,
     QueryGroup,
+    band_attention,
     band_segment,
+    band_table,
     block_queries,
     ceil_div,
     padded_count,
@@ -97,6 +99,11 @@ class PatternAttention(AttentionVariant):
         return pattern_attention(query, key, value, groups, allowed, mask=mask, scale=scale)
 
 
+def _key_only(mask: Tensor) -> bool:
+    """A mask that depends on the key only: (…, 1, Nk) with a query axis of static size 1."""
+    return mask.dim() < 2 or (isinstance(mask.shape[-2], int) and mask.shape[-2] == 1)
+
+
 def _and_causal(allows: PairPredicate) -> PairPredicate:
     return lambda i, j: allows(i, j) & (j <= i)
 
@@ -137,7 +144,10 @@ class LocalAttention(PatternAttention):
     Capabilities: all mask classes (``general`` read inside the window only), causal,
     cross-attention (positions from 0 on both sides), grouped heads, no parameters. Options:
     ``window`` w, ``block_size`` b (default max(w, 16)). Cost: time and memory
-    O(N·(2⌈w/b⌉+1)·b) = O(N·w).
+    O(N·(2⌈w/b⌉+1)·b) = O(N·w). Self-attention without a mask or with a key-only mask runs
+    :func:`~attnrewrite.variants.blockwise.band_attention` (dense batched products over each
+    query block and its neighbouring key blocks, no gathers); cross-attention and pair biases
+    run the general pattern core.
     """
 
     name: ClassVar[str] = "local"
@@ -162,8 +172,30 @@ class LocalAttention(PatternAttention):
         out = one_row_attention(query, keys, values, bias, scale)
         return out, (keys[:, :, 1:], values[:, :, 1:], bias[..., 1:])  # the window moves on
 
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
+        super().__init__(site, seed=seed, **options)
+        # The window predicate on offsets inside a block, kept as constants: built inside the
+        # graph, Inductor would recompute it in the softmax kernel at every pair.
+        block, _ = _window_blocks(self.options.window, self.options.block_size)
+        for name, causal in (("band", False), ("band_causal", True)):
+            table = band_table(self.options.window, block, causal)
+            self.register_buffer(name, table, persistent=False)
+
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         return (query_pos - key_pos).abs() <= self.options.window
+
+    def forward(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        if self.site.is_cross or (mask is not None and not _key_only(mask)):
+            # cross-attention, or a bias per (query, key) pair read at the window's pairs: the
+            # general core
+            return super().forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        block, _ = _window_blocks(self.options.window, self.options.block_size)
+        bias = None if mask is None else key_bias(mask, key)
+        inside = self.band_causal if causal else self.band
+        return band_attention(
+            query, key, value, window=self.options.window, block=block, causal=causal,
+            bias=bias, scale=scale, inside=inside,
+        )  # fmt: skip
 
     def pattern(
         self, q_len: int, k_len: int, causal: bool, device: torch.device

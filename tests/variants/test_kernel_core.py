@@ -239,3 +239,18 @@ def test_random_projection_blocks_are_orthogonal_and_reproducible() -> None:
     assert torch.allclose(block @ block.T, torch.eye(8), atol=1e-5)
     plain = random_projection(20, 8, generator=torch.Generator().manual_seed(3), orthogonal=False)
     assert plain.shape == (20, 8) and not torch.allclose(plain, w)
+
+
+def test_exclusive_prefix_sum_op_its_decomposition_and_gradient() -> None:
+    from attnrewrite.variants.kernel_core import _prefix_sum_decomposition, exclusive_prefix_sum
+
+    x = torch.randn(7, 3, 4, 5, dtype=torch.float64).transpose(1, 2)  # not contiguous
+    for dim in (0, 1, -1):
+        moved = x.movedim(dim, 0)
+        sums = [torch.zeros_like(moved[0])] + [moved[:c].sum(0) for c in range(1, len(moved))]
+        expected = torch.stack(sums).movedim(0, dim)
+        assert torch.allclose(exclusive_prefix_sum(x, dim), expected)
+        assert torch.allclose(_prefix_sum_decomposition(x, dim % x.dim()), expected)
+        leaf = x.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t, d=dim: exclusive_prefix_sum(t, d), (leaf,))
+    assert exclusive_prefix_sum(x[:0]).shape == (0, 4, 3, 5)

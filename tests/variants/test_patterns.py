@@ -325,3 +325,49 @@ def test_pattern_exports_with_dynamic_length(case):
     for other in (3, n + 20):  # shorter than one block, and longer
         inputs = make_inputs(other, other, "key", seed=1)
         torch.testing.assert_close(program.module()(*inputs), module(*inputs))
+
+
+# -- the band fast path of `local` ---------------------------------------------------------------
+
+
+def _dense_window(q, k, v, w, causal, keep, scale):
+    """softmax over |i − j| <= w (and j <= i), keys dropped by ``keep`` (B, 1|H, 1, N): the
+    definition, written densely; rows with no key give 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    n = q.shape[2]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = ((i - j).abs() <= w) & ((j <= i) if causal else True)
+    allowed = allowed & keep if keep is not None else allowed
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ v
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask", [None, "shared", "per-head"])
+@pytest.mark.parametrize(("w", "block"), [(0, None), (5, None), (16, 8), (40, 16)])
+def test_local_band_path_matches_the_dense_window(causal, mask, w, block, monkeypatch) -> None:
+    from attnrewrite.variants import patterns
+
+    calls = []
+    real = patterns.band_attention
+    monkeypatch.setattr(
+        patterns, "band_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    heads, kv_heads = 4, 2
+    site = make_site(num_heads=heads, num_kv_heads=kv_heads, head_dim=16, causal=causal)
+    variant = get_variant("local")(site, window=w, block_size=block)
+    g = torch.Generator().manual_seed(0)
+    lengths = (1, 2, 37, 70)
+    for n in lengths:
+        q = torch.randn(2, heads, n, 16, generator=g)
+        k, v = (torch.randn(2, kv_heads, n, 16, generator=g) for _ in range(2))
+        keep = None
+        if mask is not None:
+            keep = torch.ones(2, 1 if mask == "shared" else heads, 1, n, dtype=torch.bool)
+            keep[1, ..., n // 2 :] = False
+            keep[0, -1, ..., :3] = False
+        out = variant(q, k, v, mask=keep, causal=causal, scale=0.3)
+        expected = _dense_window(q, k, v, w, causal, keep, 0.3)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(lengths)  # every call took the band path

@@ -46,7 +46,7 @@ from attnrewrite.backends.onnx.signature import (
     _key_name,
 )
 from attnrewrite.errors import OnnxExportError
-from attnrewrite.ops import DECOMPOSITIONS, is_attention
+from attnrewrite.ops import DECOMPOSITIONS
 from attnrewrite.rewriter.capture import check_inputs
 from attnrewrite.rewriter.rewrite import RewrittenModel
 
@@ -342,7 +342,7 @@ def capture_program(
     hint: str,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) of a module taking and returning flat tensors, with the
-    ``attnrewrite::attention`` op of a canonical program decomposed to sdpa.
+    ``attnrewrite`` ops decomposed to ``aten`` (:data:`attnrewrite.ops.DECOMPOSITIONS`).
 
     Raises:
         OnnxExportError: ``torch.export`` failed; the message ends with ``hint``.
@@ -354,8 +354,9 @@ def capture_program(
             f"torch.export could not capture {what} for ONNX: "
             f"{type(exc).__name__}: {str(exc)[:800]}\n{hint}"
         ) from exc
-    if any(is_attention(n) for n in program.graph.nodes):
-        # A canonical program: the attnrewrite::attention op becomes sdpa, which ONNX translates.
+    if any(n.op == "call_function" and n.target in DECOMPOSITIONS for n in program.graph.nodes):
+        # attnrewrite's own ops become aten ops ONNX translates: the canonical attention op
+        # becomes sdpa, the chunk-state prefix sum of causal kernel attention a cumsum.
         program = program.run_decompositions(DECOMPOSITIONS)
     return program
 
