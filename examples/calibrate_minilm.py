@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import attnrewrite as ar  # noqa: E402
+from attnrewrite.calibrate.calibrate import END_TO_END_LR_FACTOR  # noqa: E402
 
 #: The model's own limit (sentence-transformers' max_seq_length).
 MAX_TOKENS = 256
@@ -167,6 +168,8 @@ def stdlib_text(tokenizer: Any, held_out_share: float = 0.25) -> dict[str, dict[
 
 def _spread(items: list[str], count: int) -> list[str]:
     """``count`` items evenly spread over ``items`` (deterministic, covers every source file)."""
+    if count <= 0:
+        return []
     if len(items) <= count:
         return list(items)
     step = len(items) / count
@@ -280,6 +283,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="per-site steps")
     parser.add_argument("--end-to-end", type=int, default=1000, help="end-to-end steps (0: none)")
     parser.add_argument("--lr", type=float, default=None, help="per-site lr (default: calibrate's)")
+    parser.add_argument(
+        "--end-to-end-lr",
+        type=float,
+        default=None,
+        help="learning rate of the end-to-end step (default: calibrate's, lr / 10)",
+    )
+    parser.add_argument(
+        "--per-site-share",
+        type=float,
+        default=PER_SITE_SHARE,
+        help="share of --minutes given to the per-site step, the rest to the end-to-end step",
+    )
     parser.add_argument("--loss", default="mse", choices=["mse", "attn_kl"])
     parser.add_argument(
         "--lora-rank",
@@ -307,6 +322,8 @@ def main() -> None:
     )
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     options = parser.parse_args()
+    if not 0.0 < options.per_site_share < 1.0:
+        parser.error(f"--per-site-share must be between 0 and 1, got {options.per_site_share}")
 
     # On a small machine shared with other processes, one intra-op thread ran the calibration
     # steps 7x faster than two: with every core busy, OpenMP threads wait for each other at every
@@ -362,7 +379,7 @@ def main() -> None:
             steps=options.steps,
             lr=options.lr,
             loss=options.loss,
-            max_seconds=budget * (PER_SITE_SHARE if options.end_to_end else 1.0),
+            max_seconds=budget * (options.per_site_share if options.end_to_end else 1.0),
         )
         print(per_site)
         row.per_site, row.per_site_result = scores(rewritten), per_site
@@ -374,7 +391,10 @@ def main() -> None:
                 pairs,
                 steps=0,
                 end_to_end=options.end_to_end,
-                lr=options.lr,
+                # steps=0: lr only sets the end-to-end rate, lr · END_TO_END_LR_FACTOR
+                lr=options.end_to_end_lr / END_TO_END_LR_FACTOR
+                if options.end_to_end_lr
+                else options.lr,
                 max_seconds=budget - per_site.seconds,
                 lora_rank=options.lora_rank,
                 lora_steps=10_000 if options.lora_rank else None,

@@ -175,6 +175,11 @@ def block_gather(
     return BlockGather(query_index, key_index, kv_head)
 
 
+def is_key_only(mask: Tensor) -> bool:
+    """A mask that depends on the key only: (…, 1, Nk), its query axis of static size 1."""
+    return mask.dim() < 2 or (isinstance(mask.shape[-2], int) and mask.shape[-2] == 1)
+
+
 def finite_or_zero(x: Tensor) -> Tensor:
     """``x`` with ±inf and NaN replaced by 0: a row maximum used as a stabiliser, where a row with
     no allowed key (maximum -inf) must subtract 0 rather than produce NaN."""
@@ -227,7 +232,7 @@ def pattern_attention(
             mask = mask.unsqueeze(0)
         # A key-only mask (query axis of static size 1) stays as it is: the gathers read its one
         # row. Anything else is expanded as a view (exported to ONNX, an Expand materialises it).
-        key_only = isinstance(mask.shape[-2], int) and mask.shape[-2] == 1
+        key_only = is_key_only(mask)
         mask = mask.expand(*mask.shape[:-2], 1 if key_only else q_len, k_len)
     query, key, value = query.to(acc), key.to(acc), value.to(acc)
     partials = []
@@ -301,7 +306,7 @@ def _group_partials(
     k, v = gather.keys(key), gather.keys(value)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, G, bq, K)
     if mask is not None:
-        key_only = isinstance(mask.shape[-2], int) and mask.shape[-2] == 1
+        key_only = is_key_only(mask)
         q_index, k_index = gather.query_index, gather.key_index
         rows = torch.zeros_like(q_index) if key_only else q_index
         bias = mask[..., rows[:, :, None], k_index[:, None, :]]  # (B|1, H|1, G, bq, K)
@@ -393,14 +398,7 @@ def band_attention(
     q = chunk_first(q, block).flatten(3, 4).flatten(0, 2)  # (blocks·B·Hkv, G·b, d)
 
     def windows(x: Tensor, fill: float) -> Tensor:
-        # (B', H', N, e) -> (blocks, B', H', W, e): for block c, key blocks c − before .. c +
-        # after side by side; keys outside [0, N) read the fill. The blocks outside are added
-        # on the block axis, not by padding the sequence: a length of (blocks + R)·b would be a
-        # sum the solver cannot divide by b.
-        x = chunk_first(F.pad(x, (0, 0, 0, padded - k_len), value=fill), block)
-        edge = x.new_full((1, *x.shape[1:]), fill)
-        x = torch.cat([edge.expand(before, *x.shape[1:]), x, edge.expand(after, *x.shape[1:])])
-        return torch.cat([x.narrow(0, r, count) for r in range(before + after + 1)], dim=-2)
+        return band_windows(x, block, count, before, after, fill)
 
     k = windows(key.to(acc), 0.0).flatten(0, 2)  # (blocks·B·Hkv, W, d)
     v = windows(value.to(acc), 0.0).flatten(0, 2)
@@ -427,12 +425,26 @@ def band_attention(
     else:
         top = finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
         weights = torch.exp(scores - top)
-        total = weights.sum(dim=-1, keepdim=True)  # (blocks, B, Hkv, G, b, 1)
-        # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
-        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        total = weights.sum(dim=-1, keepdim=True).flatten(3, 4).flatten(0, 2)  # (…, G·b, 1)
         out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
+        # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
+        out = out / torch.where(total > 0, total, torch.ones_like(total))
     out = unchunk_queries(q_len, padded, batch, kv_heads, group, block)(out)
     return out.flatten(1, 2).to(out_dtype)  # (B, H, Nq, dv)
+
+
+def band_windows(
+    x: Tensor, block: int, count: int, before: int, after: int, fill: float = 0.0
+) -> Tensor:
+    """(B', H', N, e) -> (count, B', H', W, e) with W = (before + 1 + after)·b: for query block c,
+    key blocks c − before .. c + after side by side (shifted slices of the chunked keys, one copy
+    per block of the window); positions outside [0, N) read ``fill``. ``count``·b >= N is the
+    padded length. The blocks outside are added on the block axis, not by padding the sequence:
+    a length of (count + R)·b would be a sum torch.export's solver cannot divide by b."""
+    x = chunk_first(F.pad(x, (0, 0, 0, count * block - x.shape[-2]), value=fill), block)
+    edge = x.new_full((1, *x.shape[1:]), fill)
+    x = torch.cat([edge.expand(before, *x.shape[1:]), x, edge.expand(after, *x.shape[1:])])
+    return torch.cat([x.narrow(0, r, count) for r in range(before + after + 1)], dim=-2)
 
 
 def band_table(window: int, block: int, causal: bool, device=None) -> Tensor:

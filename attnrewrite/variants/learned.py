@@ -203,6 +203,7 @@ class LearnedMapAttention(FeatureMapAttention):
             causal=causal,
             scale=scale,
             chunk_size=self.options.chunk_size,
+            self_attention=not self.site.is_cross,
         )
         return out.to(query.dtype)
 

@@ -34,6 +34,7 @@ from attnrewrite.variants.blockwise import (
     band_table,
     block_queries,
     ceil_div,
+    is_key_only,
     padded_count,
     pattern_attention,
     prefix_segment,
@@ -97,11 +98,6 @@ class PatternAttention(AttentionVariant):
         groups, allows = self.pattern(query.shape[-2], key.shape[-2], causal, query.device)
         allowed = _and_causal(allows) if causal else allows
         return pattern_attention(query, key, value, groups, allowed, mask=mask, scale=scale)
-
-
-def _key_only(mask: Tensor) -> bool:
-    """A mask that depends on the key only: (…, 1, Nk) with a query axis of static size 1."""
-    return mask.dim() < 2 or (isinstance(mask.shape[-2], int) and mask.shape[-2] == 1)
 
 
 def _and_causal(allows: PairPredicate) -> PairPredicate:
@@ -185,7 +181,7 @@ class LocalAttention(PatternAttention):
         return (query_pos - key_pos).abs() <= self.options.window
 
     def forward(self, query, key, value, *, mask=None, causal=False, scale=1.0):
-        if self.site.is_cross or (mask is not None and not _key_only(mask)):
+        if self.site.is_cross or (mask is not None and not is_key_only(mask)):
             # cross-attention, or a bias per (query, key) pair read at the window's pairs: the
             # general core
             return super().forward(query, key, value, mask=mask, causal=causal, scale=scale)
