@@ -223,7 +223,7 @@ def table2(result, backend: str) -> str:
             f"memory {n // 1024 if n % 1024 == 0 else n}{'K' if n % 1024 == 0 else ''}"
             for n in lengths
         ]
-        + ["max rel err (max N)", "FLOP-bound (max N)", "crossover N"]
+        + ["max rel err (max N)", "FLOP-bound (max N)", "achieved (max N)", "crossover N"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     crossover = {c.variant: c.describe() for c in result.crossovers if c.backend == backend}
@@ -233,7 +233,7 @@ def table2(result, backend: str) -> str:
             status = next(iter(rows.values())).status if rows else "not run"
             lines.append(
                 f"| {variant} | "
-                + " | ".join(["-"] * (2 * len(lengths) + 2))
+                + " | ".join(["-"] * (2 * len(lengths) + 3))
                 + f" | {status[:90]} |"
             )
             continue
@@ -252,12 +252,15 @@ def table2(result, backend: str) -> str:
         last = rows.get(lengths[-1])
         error = f"{last.max_rel_error:.1e}" if last and last.max_rel_error is not None else "-"
         bound = f"{last.flop_bound_speedup:.2f}x" if last and last.flop_bound_speedup else "-"
+        achieved = "-"
+        if last and last.flop_bound_speedup and last.speedup and variant != "original":
+            achieved = f"{100 * last.speedup / last.flop_bound_speedup:.0f}%"
         name = {
             "original": "Transformer (SDPA, original)",
             "softmax": "softmax (rewritten, exact)",
             "softmax_manual": "softmax (matmul/softmax/matmul, exact)",
         }.get(variant, variant)
-        cells = [name, *speed, *memory, error, bound, crossover.get(variant, "-")]
+        cells = [name, *speed, *memory, error, bound, achieved, crossover.get(variant, "-")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,7 +293,8 @@ def report(
         "max|y_orig| of the logits against the eager original at the longest N (random weights: "
         "this measures the approximation, not task accuracy); `FLOP-bound`: FLOPs of the "
         "original / FLOPs of the variant at the longest N (the speedup a FLOP-bound run would get; "
-        "matrix products only, torch's FlopCounterMode); `crossover N`: first length where "
+        "matrix products only, torch's FlopCounterMode); `achieved`: the speedup at the longest N "
+        "as a share of that bound; `crossover N`: first length where "
         f"the variant is faster (log-log interpolated). Raw rows: "
         f"`{json_path.relative_to(ROOT)}`.",
     ]
