@@ -7,6 +7,7 @@ import torch
 
 import attnrewrite as ar
 from attnrewrite.passes import graph as G
+from attnrewrite.rewriter.capture import capture
 from tests.passes.spellings import CASES, Case
 
 IDS = [c.name for c in CASES]
@@ -20,6 +21,20 @@ def _build(case: Case) -> tuple[torch.nn.Module, tuple]:
     torch.manual_seed(0)
     model = case.build().eval()
     return model, case.inputs(2, 8)
+
+
+_CAPTURED: dict[str, tuple[torch.nn.Module, tuple, torch.export.ExportedProgram]] = {}
+
+
+def _captured(case: Case) -> tuple[torch.nn.Module, tuple, torch.export.ExportedProgram]:
+    """The case's model, example and one capture of it, shared by the rewrite tests below
+    (capturing is most of their time; ``test_sites_found_with_their_semantics`` takes the
+    ``nn.Module`` path). Sharing is safe: a rewrite works on its own copy of the program's graph
+    and parameters (``capture``'s contract)."""
+    if case.name not in _CAPTURED:
+        model, args = _build(case)
+        _CAPTURED[case.name] = (model, args, capture(model, args).program)
+    return _CAPTURED[case.name]
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -52,8 +67,8 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
 
 @pytest.mark.parametrize("case", _params([c for c in CASES if c.sites]))
 def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
-    model, args = _build(case)
-    rw = ar.rewrite(model, "softmax", args=args, check=True)  # each site checked on the example
+    model, args, program = _captured(case)
+    rw = ar.rewrite(program, "softmax", args=args, check=True)  # each site checked on the example
     expected_rewritten = 0 if case.escape or case.refused else case.sites
     assert len(rw.report.rewritten) == expected_rewritten, str(rw.report)
     if case.refused:
@@ -67,8 +82,8 @@ def test_softmax_rewrite_is_exact_at_another_shape(case: Case) -> None:
 
 @pytest.mark.parametrize("case", _params([c for c in CASES if c.sites]))
 def test_linear_rewrite_takes_kernel_masks_only(case: Case) -> None:
-    model, args = _build(case)
-    rw = ar.rewrite(model, "linear", args=args)
+    _, args, program = _captured(case)
+    rw = ar.rewrite(program, "linear", args=args)
     for row in rw.report.sites:
         keepable = (
             row.site.mask != ar.MaskClass.GENERAL
