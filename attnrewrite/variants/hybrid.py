@@ -224,15 +224,12 @@ def _band_region(
     # the band (counted there).
     device = query.device
     width = (before + 1 + after) * block
-    i = (torch.arange(count, device=device) * block)[:, None, None] + torch.arange(
-        block, device=device
-    )[None, :, None]  # (blocks, b, 1)
-    slots = torch.arange(width, device=device) - before * block
-    j = (torch.arange(count, device=device) * block)[:, None, None] + slots[None, None, :]
+    start = (torch.arange(count, device=device) * block)[:, None, None]  # (blocks, 1, 1)
+    i = start + torch.arange(block, device=device)[None, :, None]  # (blocks, b, 1)
+    j = start + (torch.arange(width, device=device) - before * block)[None, None, :]
     keep = (j >= 0) & (j < length)
     if global_tokens:
         g = torch.arange(global_tokens, device=device)[None, None, :]
-        start = (torch.arange(count, device=device) * block)[:, None, None]
         in_band = (g >= start - before * block) & (g < start + (after + 1) * block)
         j = torch.cat([g.expand(count, 1, global_tokens), j], dim=-1)
         keep = torch.cat([(g < length) & ~in_band, keep], dim=-1)
