@@ -354,8 +354,11 @@ def band_attention(
     bias: Tensor | None = None,
     scale: float = 1.0,
     inside: Tensor | None = None,
+    columns: ColumnRule | None = None,
+    global_rows: int = 0,
 ) -> Tensor:
-    """Exact softmax self-attention over a sliding window |i − j| <= w (causal: 0 <= i − j <= w).
+    """Exact softmax self-attention over a sliding window |i − j| <= w (causal: 0 <= i − j <= w),
+    optionally with key columns each query block reads besides its window and global query rows.
 
     The same result as :func:`pattern_attention` with a band segment, computed as dense batched
     products without gathers: the keys are padded by R = ⌈w / b⌉ blocks on each side and, for
@@ -377,6 +380,11 @@ def band_attention(
         scale: factor on q·k.
         inside: :func:`band_table` of the same arguments, if the caller keeps one (a table
             built in the graph is recomputed inside the fused softmax kernel, at a cost).
+        columns: the extra keys of each query block (global tokens, random blocks), gathered
+            once per block and scored apart from the window, one softmax over both: see
+            :class:`BlockColumns`. Their ``keep`` must leave out the pairs the window keeps.
+        global_rows: queries 0 .. g − 1 attend every key (j <= i when causal), computed on their
+            own in O(g·N) and written over the band's result for those rows.
 
     Returns:
         (B, H, Nq, dv) in the dtype of ``query``; rows with no allowed key are 0.
@@ -385,6 +393,7 @@ def band_attention(
     batch, heads, q_len = query.shape[:3]
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
+    bias_in = bias
     reach = ceil_div(window, block) if window else 0
     before, after = reach, 0 if causal else reach
     # Query blocks, at least 2; sym_max keeps "padded = blocks · b" a product torch.export's
@@ -412,25 +421,134 @@ def band_attention(
     j = (torch.arange(count, device=query.device) * block)[:, None] + slots[None, :]
     keep = inside[None, :, :] & ((j >= 0) & (j < k_len))[:, None, :]  # (blocks, b, W)
     scores = scores.masked_fill(~keep[:, None, None, None], float("-inf"))
+
     if bias is not None:
-        bias = windows(bias.to(acc).unsqueeze(-1), float("-inf")).squeeze(-1)
-        if bias.shape[2] == 1:  # (blocks, B|1, 1, W)
-            bias = bias[:, :, :, None, None, :]
-        else:  # per query head: (blocks, B|1, H, W)
-            bias = bias.unflatten(2, (kv_heads, group)).unsqueeze(-2)
-        scores = scores + bias
-    if bias is None:  # every query sees at least itself: the plain softmax
+        bias = bias.to(acc)
+        band_bias = windows(bias.unsqueeze(-1), float("-inf")).squeeze(-1)
+        scores = scores + _per_query_head(band_bias, kv_heads)
+    extra = columns(count) if columns is not None else None
+    if extra is None and bias is None:  # every query sees at least itself: the plain softmax
         weights = torch.softmax(scores, dim=-1)
         out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
     else:
-        top = finite_or_zero(scores.amax(dim=-1, keepdim=True).detach())
-        weights = torch.exp(scores - top)
-        total = weights.sum(dim=-1, keepdim=True).flatten(3, 4).flatten(0, 2)  # (…, G·b, 1)
-        out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
+        parts = [(scores, v)]
+        if extra is not None:
+            parts.append(_column_scores(extra, q, key, value, bias, scale, batch, block, acc))
+        # One softmax over the window's and the columns' scores (kept apart, no concatenation).
+        top = torch.stack([s.amax(dim=-1, keepdim=True) for s, _ in parts]).amax(dim=0)
+        top = finite_or_zero(top.detach())
+        out, total = 0.0, 0.0
+        for part_scores, part_values in parts:
+            weights = torch.exp(part_scores - top)
+            total = total + weights.sum(dim=-1, keepdim=True).flatten(3, 4).flatten(0, 2)
+            out = out + _block_product(weights, part_values)
         # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
         out = out / torch.where(total > 0, total, torch.ones_like(total))
-    out = unchunk_queries(q_len, padded, batch, kv_heads, group, block)(out)
-    return out.flatten(1, 2).to(out_dtype)  # (B, H, Nq, dv)
+    out = unchunk_queries(q_len, padded, batch, kv_heads, group, block)(out).flatten(1, 2)
+    if global_rows:
+        out = _with_global_rows(out, query, key, value, global_rows, causal, bias_in, scale)
+    return out.to(out_dtype)  # (B, H, Nq, dv)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockColumns:
+    """Key positions every query of a block reads besides its window (for :func:`band_attention`).
+
+    Attributes:
+        positions: (blocks, E) int64 key positions per query block; positions outside [0, Nk)
+            are padding (masked).
+        keep: (blocks, b, E) bool, the pairs (query of the block, column) the pattern adds: it
+            must leave out pairs the window already keeps, and repeated positions, so that every
+            pair is counted once; the causal condition is the caller's to include.
+    """
+
+    positions: Tensor
+    keep: Tensor
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B', H', N, e) -> (blocks, B', H', E, e): the columns' rows (padding reads row 0)."""
+        index = self.positions.clamp(0, x.shape[2] - 1)
+        taken = x.index_select(2, index.flatten()).unflatten(2, (-1, index.shape[1]))
+        return taken.movedim(2, 0)
+
+
+def _per_query_head(bias: Tensor, kv_heads: int) -> Tensor:
+    """A key bias laid out per block, (blocks|1, B|1, 1|H, K) -> (…, 1|Hkv, 1|G, 1, K)."""
+    if bias.shape[2] == 1:
+        return bias[:, :, :, None, None, :]
+    return bias.unflatten(2, (kv_heads, -1)).unsqueeze(-2)
+
+
+def _block_product(weights: Tensor, values: Tensor) -> Tensor:
+    """(blocks, B, Hkv, G, b, K) weights times (blocks, B, Hkv, K, dv) values (or their
+    (blocks·B·Hkv, K, dv) view) as (blocks·B·Hkv, G·b, dv), by ``bmm``: ``matmul`` would compare
+    the two sides' batch sizes, a guard torch.export cannot prove for symbolic lengths."""
+    weights = weights.flatten(3, 4)
+    return torch.bmm(weights.flatten(0, 2), values if values.dim() == 3 else values.flatten(0, 2))
+
+
+def _column_scores(
+    extra: BlockColumns,
+    q: Tensor,
+    key: Tensor,
+    value: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    batch: int,
+    block: int,
+    acc: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The scores of a block's extra columns, (blocks, B, Hkv, G, b, E), masked where the
+    columns keep no pair, and their values (blocks, B, Hkv, E, dv)."""
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    keys, values = extra.gather(key.to(acc)), extra.gather(value.to(acc))
+    scores = torch.bmm(q, keys.flatten(0, 2).transpose(1, 2))  # (blocks·B·Hkv, G·b, E)
+    scores = scores.unflatten(0, (-1, batch, kv_heads))
+    scores = scores.unflatten(3, (-1, block)) * scale
+    in_range = (extra.positions >= 0) & (extra.positions < k_len)
+    keep = (extra.keep & in_range[:, None, :])[:, None, None, None]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if bias is not None:
+        column_bias = extra.gather(bias.unsqueeze(-1)).squeeze(-1)
+        scores = scores + _per_query_head(column_bias, kv_heads)
+    return scores, values
+
+
+#: Query block count -> the block's extra key columns.
+ColumnRule = Callable[[int], BlockColumns]
+
+
+def _with_global_rows(
+    out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    count: int,
+    causal: bool,
+    bias: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """``out`` with rows 0 .. count − 1 replaced by attention over every key (causal: j <= i);
+    O(count·N). With fewer than ``count`` queries, the indices are clamped to the last row (the
+    duplicate rows are computed alike), so no branch depends on the length."""
+    acc = out.dtype
+    heads, q_len = query.shape[1], query.shape[2]
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    rows = torch.arange(count, device=query.device).clamp_max(q_len - 1)
+    q = query.to(acc).index_select(2, rows).unflatten(1, (kv_heads, heads // kv_heads))
+    k, v = key.to(acc).unsqueeze(2), value.to(acc).unsqueeze(2)  # (B, Hkv, 1, N, ·)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hkv, G, count, N)
+    if bias is not None:  # (B|1, 1|H, N)
+        bias = bias.to(acc)
+        if bias.shape[1] == 1:
+            scores = scores + bias[:, :, None, None, :]
+        else:
+            scores = scores + bias.unflatten(1, (kv_heads, -1)).unsqueeze(-2)
+    if causal:
+        later = torch.arange(k_len, device=query.device)[None, :] > rows[:, None]
+        scores = scores.masked_fill(later, float("-inf"))
+    first = torch.matmul(safe_softmax(scores), v).flatten(1, 2)  # (B, H, count, dv)
+    return out.index_copy(2, rows, first)
 
 
 def band_windows(

@@ -26,6 +26,7 @@ from torch import Tensor
 from attnrewrite.site import ALL_MASK_CLASSES, AttentionSite, MaskClass
 from attnrewrite.variants.base import AttentionVariant, key_bias
 from attnrewrite.variants.blockwise import (
+    BlockColumns,
     KeySegment,
     PairPredicate,
     QueryGroup,
@@ -117,6 +118,82 @@ def _global_rows_group(count: int, k_len: int, device: torch.device) -> QueryGro
     return QueryGroup(torch.arange(count, device=device)[None, :], (everything,))
 
 
+class BandPatternAttention(PatternAttention):
+    """A pattern made of a sliding window |i − j| <= w, key columns shared by each block of
+    queries (global tokens, random blocks) and global query rows.
+
+    Self-attention without a mask or with a key-only mask runs
+    :func:`~attnrewrite.variants.blockwise.band_attention`: dense batched products over each query
+    block, its neighbouring key blocks and its columns, no per-pair gathers. Cross-attention and
+    pair biases run the general pattern core (``pattern``), which computes the same pairs.
+    """
+
+    def band_shape(self) -> tuple[int, int]:
+        """(window w, block b) of the band path."""
+        raise NotImplementedError(f"{type(self).__name__} must define its band")
+
+    def global_rows(self) -> int:
+        """How many leading queries attend every key."""
+        return 0
+
+    def block_columns(
+        self, count: int, block: int, k_len: int, causal: bool, device: torch.device
+    ) -> BlockColumns | None:
+        """The keys each of ``count`` query blocks reads besides its window, or None."""
+        return None
+
+    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
+        super().__init__(site, seed=seed, **options)
+        # The window predicate on offsets inside a block, kept as constants: built inside the
+        # graph, Inductor would recompute it in the softmax kernel at every pair.
+        for name, causal in (("band", False), ("band_causal", True)):
+            self.register_buffer(name, self.band_predicate(causal), persistent=False)
+
+    def band_predicate(self, causal: bool) -> Tensor:
+        """Which (query of a block, key slot of its window) pairs the band keeps: by default the
+        window |i − j| <= w (:func:`~attnrewrite.variants.blockwise.band_table`)."""
+        return band_table(*self.band_shape(), causal)
+
+    def forward(self, query, key, value, *, mask=None, causal=False, scale=1.0):
+        if self.site.is_cross or (mask is not None and not is_key_only(mask)):
+            # cross-attention, or a bias per (query, key) pair read at the pattern's pairs: the
+            # general core
+            return super().forward(query, key, value, mask=mask, causal=causal, scale=scale)
+        window, block = self.band_shape()
+        # Self-attention: the keys are the query positions (the query length is the one the
+        # band's block count is computed from, so export sees one symbol, not two to unify).
+        k_len, device = query.shape[-2], query.device
+
+        def columns(count: int) -> BlockColumns | None:
+            return self.block_columns(count, block, k_len, causal, device)
+
+        return band_attention(
+            query, key, value, window=window, block=block, causal=causal,
+            bias=None if mask is None else key_bias(mask, key), scale=scale,
+            inside=self.band_causal if causal else self.band,
+            columns=columns, global_rows=self.global_rows(),
+        )  # fmt: skip
+
+
+def _column_pairs(
+    positions: Tensor, block: int, window: int, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(i, j, pairs the window does not keep) of block columns ``positions`` (blocks, E): i is
+    (blocks, b, 1), j (blocks, 1, E); causal pairs j > i are left out too."""
+    starts = torch.arange(positions.shape[0], device=positions.device)[:, None, None] * block
+    i = starts + torch.arange(block, device=positions.device)[None, :, None]
+    j = positions[:, None, :]
+    outside = (i - j).abs() > window
+    return i, j, (outside & (j <= i)) if causal else outside
+
+
+def _global_columns(count: int, tokens: int, block: int, window: int, causal: bool, device):
+    """Keys 0 .. tokens − 1 as block columns, the pairs already in the window left out."""
+    positions = torch.arange(tokens, device=device).expand(count, tokens)
+    _, _, keep = _column_pairs(positions, block, window, causal)
+    return BlockColumns(positions, keep)
+
+
 # -- local ---------------------------------------------------------------------------------------
 
 
@@ -131,7 +208,7 @@ class LocalOptions:
         )
 
 
-class LocalAttention(PatternAttention):
+class LocalAttention(BandPatternAttention):
     """Sliding-window (local) attention, as in Image Transformer (Parmar et al. 2018,
     arXiv:1802.05751) and Longformer's window (Beltagy et al. 2020, arXiv:2004.05150).
 
@@ -168,30 +245,11 @@ class LocalAttention(PatternAttention):
         out = one_row_attention(query, keys, values, bias, scale)
         return out, (keys[:, :, 1:], values[:, :, 1:], bias[..., 1:])  # the window moves on
 
-    def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
-        super().__init__(site, seed=seed, **options)
-        # The window predicate on offsets inside a block, kept as constants: built inside the
-        # graph, Inductor would recompute it in the softmax kernel at every pair.
-        block, _ = _window_blocks(self.options.window, self.options.block_size)
-        for name, causal in (("band", False), ("band_causal", True)):
-            table = band_table(self.options.window, block, causal)
-            self.register_buffer(name, table, persistent=False)
+    def band_shape(self) -> tuple[int, int]:
+        return self.options.window, _window_blocks(self.options.window, self.options.block_size)[0]
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         return (query_pos - key_pos).abs() <= self.options.window
-
-    def forward(self, query, key, value, *, mask=None, causal=False, scale=1.0):
-        if self.site.is_cross or (mask is not None and not is_key_only(mask)):
-            # cross-attention, or a bias per (query, key) pair read at the window's pairs: the
-            # general core
-            return super().forward(query, key, value, mask=mask, causal=causal, scale=scale)
-        block, _ = _window_blocks(self.options.window, self.options.block_size)
-        bias = None if mask is None else key_bias(mask, key)
-        inside = self.band_causal if causal else self.band
-        return band_attention(
-            query, key, value, window=self.options.window, block=block, causal=causal,
-            bias=bias, scale=scale, inside=inside,
-        )  # fmt: skip
 
     def pattern(
         self, q_len: int, k_len: int, causal: bool, device: torch.device
@@ -332,7 +390,7 @@ class LongformerOptions:
         )
 
 
-class LongformerAttention(PatternAttention):
+class LongformerAttention(BandPatternAttention):
     """Longformer attention: Beltagy, Peters, Cohan, "Longformer: The Long-Document Transformer",
     2020, arXiv:2004.05150 (sliding window plus global tokens; one set of projections).
 
@@ -413,6 +471,18 @@ class LongformerAttention(PatternAttention):
             now,
         )
 
+    def band_shape(self) -> tuple[int, int]:
+        return self.options.window, _window_blocks(self.options.window, self.options.block_size)[0]
+
+    def global_rows(self) -> int:
+        return self.options.global_tokens
+
+    def block_columns(self, count, block, k_len, causal, device):
+        tokens = self.options.global_tokens
+        if not tokens:
+            return None
+        return _global_columns(count, tokens, block, self.options.window, causal, device)
+
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         count = self.options.global_tokens
         near = (query_pos - key_pos).abs() <= self.options.window
@@ -451,7 +521,7 @@ class BigBirdOptions:
         )
 
 
-class BigBirdAttention(PatternAttention):
+class BigBirdAttention(BandPatternAttention):
     """BigBird attention: Zaheer et al., "Big Bird: Transformers for Longer Sequences", 2020,
     arXiv:2007.14062 (window + global + random, the ITC form with global tokens taken in place).
 
@@ -479,6 +549,33 @@ class BigBirdAttention(PatternAttention):
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         self.random_key = int(torch.randint(0, 2**31, (1,), generator=self.generator()).item())
+
+    def band_shape(self) -> tuple[int, int]:
+        return self.options.window, self.options.block_size
+
+    def global_rows(self) -> int:
+        return self.options.global_tokens
+
+    def block_columns(self, count, block, k_len, causal, device):
+        opts = self.options
+        parts = []
+        if opts.global_tokens:
+            parts.append(
+                _global_columns(count, opts.global_tokens, block, opts.window, causal, device)
+            )
+        if opts.num_random:
+            picks = self.random_blocks(count, ceil_div(k_len, block), causal, device)
+            segment = _random_segment(picks, block)
+            _, j, keep = _column_pairs(segment.positions, block, opts.window, causal)
+            # A random key among the global tokens is counted there; a repeated pick once.
+            keep = keep & segment.slot_keep[:, None, :] & (j >= opts.global_tokens)
+            parts.append(BlockColumns(segment.positions, keep))
+        if not parts:
+            return None
+        return BlockColumns(
+            torch.cat([p.positions for p in parts], dim=-1),
+            torch.cat([p.keep for p in parts], dim=-1),
+        )
 
     def random_blocks(
         self, num_query_blocks: int, num_key_blocks: int, causal: bool, device: torch.device

@@ -371,3 +371,52 @@ def test_local_band_path_matches_the_dense_window(causal, mask, w, block, monkey
         expected = _dense_window(q, k, v, w, causal, keep, 0.3)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == len(lengths)  # every call took the band path
+
+
+BAND_CASES = [
+    PatternCase("longformer", {"window": 5, "global_tokens": 3, "block_size": 8}, (1, 2, 37)),
+    PatternCase("longformer", {"window": 3, "global_tokens": 20, "block_size": None}, (7, 45)),
+    PatternCase("longformer", {"window": 4, "global_tokens": 0, "block_size": None}, (9, 30)),
+    CASES[-1],
+    PatternCase(
+        "bigbird",
+        {"window": 9, "global_tokens": 0, "num_random": 3, "block_size": 4},
+        (2, 41),
+    ),
+    PatternCase(
+        "bigbird",
+        {"window": 2, "global_tokens": 6, "num_random": 0, "block_size": 5},
+        (4, 33),
+    ),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask", [None, "shared", "per-head"])
+@pytest.mark.parametrize(
+    "case", BAND_CASES, ids=[f"{c.name}-{i}" for i, c in enumerate(BAND_CASES)]
+)
+def test_band_path_with_columns_matches_the_dense_pattern(case, mask, causal, monkeypatch):
+    """Longformer's and BigBird's global tokens and random blocks as block columns of the band
+    path (and global query rows), against the pattern written out densely: lengths shorter than
+    a block and than the global tokens, every key of a row masked, grouped heads."""
+    from attnrewrite.variants import patterns
+
+    calls = []
+    real = patterns.band_attention
+    monkeypatch.setattr(
+        patterns, "band_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    for n in case.lengths:
+        query, key, value, _ = make_inputs(n, n, None, seed=n)
+        keep = None
+        if mask is not None:
+            keep = torch.ones(2, 1 if mask == "shared" else HEADS, 1, n, dtype=torch.bool)
+            keep[1, ..., n // 2 :] = False
+            keep[0, -1, ..., :3] = False
+        variant = build(case, n)
+        out = variant(query, key, value, mask=keep, causal=causal, scale=0.3)
+        pattern = case.dense_pattern(variant, n, n, causal)
+        ref = dense_reference(query, key, value, pattern, keep, 0.3).nan_to_num(0.0)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(case.lengths)
