@@ -356,9 +356,11 @@ def band_attention(
     inside: Tensor | None = None,
     columns: ColumnRule | None = None,
     global_rows: int = 0,
+    groups: tuple[Sequence[QueryGroup], PairPredicate] | None = None,
 ) -> Tensor:
     """Exact softmax self-attention over a sliding window |i − j| <= w (causal: 0 <= i − j <= w),
-    optionally with key columns each query block reads besides its window and global query rows.
+    optionally with key columns each query block reads besides its window, query groups of the
+    general core (:func:`pattern_attention`) and global query rows.
 
     The same result as :func:`pattern_attention` with a band segment, computed as dense batched
     products without gathers: the keys are padded by R = ⌈w / b⌉ blocks on each side and, for
@@ -385,6 +387,9 @@ def band_attention(
             :class:`BlockColumns`. Their ``keep`` must leave out the pairs the window keeps.
         global_rows: queries 0 .. g − 1 attend every key (j <= i when causal), computed on their
             own in O(g·N) and written over the band's result for those rows.
+        groups: (query groups, pattern predicate) of further pairs outside the window (the
+            Sparse Transformer's strided columns), computed as the general core computes them and
+            merged through their softmax statistics; the window's pairs are left out of them.
 
     Returns:
         (B, H, Nq, dv) in the dtype of ``query``; rows with no allowed key are 0.
@@ -427,24 +432,55 @@ def band_attention(
         band_bias = windows(bias.unsqueeze(-1), float("-inf")).squeeze(-1)
         scores = scores + _per_query_head(band_bias, kv_heads)
     extra = columns(count) if columns is not None else None
-    if extra is None and bias is None:  # every query sees at least itself: the plain softmax
+    if extra is None and bias is None and groups is None:
+        # every query sees at least itself: the plain softmax
         weights = torch.softmax(scores, dim=-1)
         out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
     else:
-        parts = [(scores, v)]
+        parts: list[tuple[Tensor, Callable[[Tensor], Tensor]]] = [
+            (scores, lambda weights: _block_product(weights, v))
+        ]
         if extra is not None:
-            parts.append(_column_scores(extra, q, key, value, bias, scale, batch, block, acc))
-        # One softmax over the window's and the columns' scores (kept apart, no concatenation).
-        top = torch.stack([s.amax(dim=-1, keepdim=True) for s, _ in parts]).amax(dim=0)
-        top = finite_or_zero(top.detach())
+            column_scores, column_values = _column_scores(
+                extra, q, key, value, bias, scale, batch, block, acc
+            )
+            parts.append((column_scores, lambda weights: _block_product(weights, column_values)))
+        # One softmax over every part's scores (kept apart, no concatenation).
+        raw_top = torch.stack([s.amax(dim=-1, keepdim=True) for s, _ in parts]).amax(dim=0)
+        top = finite_or_zero(raw_top.detach())
         out, total = 0.0, 0.0
-        for part_scores, part_values in parts:
+        for part_scores, product in parts:
             weights = torch.exp(part_scores - top)
             total = total + weights.sum(dim=-1, keepdim=True).flatten(3, 4).flatten(0, 2)
-            out = out + _block_product(weights, part_values)
+            out = out + product(weights)
+    unchunk = unchunk_queries(q_len, padded, batch, kv_heads, group, block)
+    if groups is not None:
+        # Merged in sequence order as flash attention merges blocks, at the common row maximum.
+        def rows(x: Tensor) -> Tensor:  # (blocks·B·Hkv, G·b, e) -> (B, H, Nq, e)
+            return unchunk(x).flatten(1, 2)
+
+        flat = [rows(x.flatten(3, 4).flatten(0, 2)) for x in (raw_top.detach(), top)]
+        stats: RowStats = (*flat, rows(total), rows(out))
+        mask = None if bias is None else bias.unsqueeze(-2)  # a key-only additive mask
+        pattern_groups, allowed = groups
+        earlier = [lambda i, j: (i - j).abs() <= window]  # the band's pairs
+        for query_group in pattern_groups:
+            row_max, row_total, row_weighted = _group_partials(
+                query.to(acc), key.to(acc), value.to(acc), query_group, allowed, earlier, mask,
+                scale,
+            )  # fmt: skip
+            earlier = [*earlier, *(segment.covers for segment in query_group.segments)]
+            part = (row_max[..., None], finite_or_zero(row_max)[..., None], row_total[..., None])
+            stats = _merge_stats(stats, (*part, row_weighted))
+        out, total = stats[3], stats[2]
+    elif extra is not None or bias is not None:
+        out, total = unchunk(out).flatten(1, 2), unchunk(total).flatten(1, 2)
+    else:
+        total = None
+        out = unchunk(out).flatten(1, 2)
+    if total is not None:
         # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
         out = out / torch.where(total > 0, total, torch.ones_like(total))
-    out = unchunk_queries(q_len, padded, batch, kv_heads, group, block)(out).flatten(1, 2)
     if global_rows:
         out = _with_global_rows(out, query, key, value, global_rows, causal, bias_in, scale)
     return out.to(out_dtype)  # (B, H, Nq, dv)
@@ -516,6 +552,23 @@ def _column_scores(
 
 #: Query block count -> the block's extra key columns.
 ColumnRule = Callable[[int], BlockColumns]
+
+
+#: Softmax statistics of a part of each row's keys: raw row maximum (-inf where the part has
+#: no key), the maximum the weights were taken against (finite), normaliser, weighted values.
+RowStats = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _merge_stats(first: RowStats, second: RowStats) -> RowStats:
+    """Two parts' statistics merged at their common row maximum. A part with no key in a row
+    has normaliser 0; its factor is kept <= 1 so that it stays 0."""
+    raw = torch.maximum(first[0], second[0])
+    common = finite_or_zero(raw)
+    out, total = 0.0, 0.0
+    for _, used, part_total, part_out in (first, second):
+        factor = torch.exp((used - common).clamp_max(0.0))
+        total, out = total + part_total * factor, out + part_out * factor
+    return raw, common, total, out
 
 
 def _with_global_rows(

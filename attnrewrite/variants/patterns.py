@@ -136,6 +136,13 @@ class BandPatternAttention(PatternAttention):
         """How many leading queries attend every key."""
         return 0
 
+    def query_groups(
+        self, q_len: int, k_len: int, causal: bool, device: torch.device
+    ) -> tuple[list[QueryGroup], PairPredicate] | None:
+        """Query groups of the general core for pairs outside the window (and their predicate,
+        causal included), or None."""
+        return None
+
     def block_columns(
         self, count: int, block: int, k_len: int, causal: bool, device: torch.device
     ) -> BlockColumns | None:
@@ -172,6 +179,7 @@ class BandPatternAttention(PatternAttention):
             bias=None if mask is None else key_bias(mask, key), scale=scale,
             inside=self.band_causal if causal else self.band,
             columns=columns, global_rows=self.global_rows(),
+            groups=self.query_groups(k_len, k_len, causal, device),
         )  # fmt: skip
 
 
@@ -271,15 +279,18 @@ class StridedOptions:
         return _positive("stride", self.stride)
 
 
-class StridedSparseAttention(PatternAttention):
+class StridedSparseAttention(BandPatternAttention):
     """Strided sparse attention: Child, Gray, Radford, Sutskever, "Generating Long Sequences with
     Sparse Transformers", 2019, arXiv:1904.10509 (the two strided heads merged into one pattern).
 
     Query i attends key j iff |i - j| < l or (i - j) mod l = 0 (both directions when not causal;
     causal adds j <= i), exact softmax over those keys.
 
-    Computed as a band of key blocks (|i - j| < l) plus attention along the columns of the
-    sequence folded into rows of l (same residue mod l). Capabilities: all mask classes
+    Self-attention without a mask or with a key-only mask runs the window |i − j| <= l − 1 on
+    the band path (:class:`BandPatternAttention`) and the lanes (same residue mod l) on the
+    general core, merged through their softmax statistics. Otherwise the general core computes
+    both: a band of key blocks plus attention along the columns of the sequence folded into rows
+    of l. Capabilities: all mask classes
     (``general`` read at the pattern's pairs only), causal, cross-attention, grouped heads, no
     parameters. Options: ``stride`` l (default ≈ √N of the site's key length at capture, else 64).
     Cost: time and memory O(N·l + N²/l), O(N·√N) for l ≈ √N.
@@ -291,6 +302,14 @@ class StridedSparseAttention(PatternAttention):
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
         self.stride = self.options.stride or _default_stride(site)
+
+    def band_shape(self) -> tuple[int, int]:
+        stride = self.options.stride or _default_stride(self.site)
+        return stride - 1, stride
+
+    def query_groups(self, q_len, k_len, causal, device):
+        groups, allows = self.pattern(q_len, k_len, causal, device)
+        return groups[1:], _and_causal(allows) if causal else allows  # the lanes
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         offset = query_pos - key_pos

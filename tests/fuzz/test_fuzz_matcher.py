@@ -168,7 +168,7 @@ def _pinned(test):
     return test
 
 
-@fuzz_settings(ci_examples=30, release_examples=3000)
+@fuzz_settings(ci_examples=20, release_examples=3000)
 @given(sp=spellings())
 @_pinned
 def test_generated_spelling_is_found_with_its_semantics(sp: Spelling) -> None:
@@ -189,7 +189,7 @@ def test_dropout_probability_is_reported_in_training_mode(sp: Spelling) -> None:
     TALLY.add("fuzz_matcher.dropout.found")
 
 
-@fuzz_settings(ci_examples=22, release_examples=1500)
+@fuzz_settings(ci_examples=15, release_examples=1500)
 @given(sp=spellings())
 @_pinned
 def test_softmax_rewrite_is_exact_at_another_shape(sp: Spelling) -> None:
@@ -199,7 +199,7 @@ def test_softmax_rewrite_is_exact_at_another_shape(sp: Spelling) -> None:
     TALLY.add("fuzz_matcher.softmax.exact")
 
 
-@fuzz_settings(ci_examples=22, release_examples=1500)
+@fuzz_settings(ci_examples=15, release_examples=1500)
 @given(sp=spellings(), at_other_shape=st.booleans())
 def test_linear_rewrite_matches_dense_linear_attention(sp: Spelling, at_other_shape: bool) -> None:
     _describe(sp)

@@ -27,7 +27,7 @@ from tests.fuzz.strategies import (
 )
 
 
-@fuzz_settings(ci_examples=60, release_examples=2000)
+@fuzz_settings(ci_examples=40, release_examples=2000)
 @given(spec=look_alikes(NOT_ATTENTION))
 def test_look_alike_is_not_attention(spec: LookAlike) -> None:
     TALLY.add("negatives.tried")
@@ -38,7 +38,7 @@ def test_look_alike_is_not_attention(spec: LookAlike) -> None:
     assert sites == [], f"{spec!r}: false positive(s) {sites}"
 
 
-@fuzz_settings(ci_examples=12, release_examples=500)
+@fuzz_settings(ci_examples=8, release_examples=500)
 @given(spec=look_alikes(UNUSUAL_ATTENTION))
 def test_unusual_attention_is_one_correct_site(spec: LookAlike) -> None:
     TALLY.add("negatives.unusual.tried")

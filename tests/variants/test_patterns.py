@@ -388,6 +388,9 @@ BAND_CASES = [
         {"window": 2, "global_tokens": 6, "num_random": 0, "block_size": 5},
         (4, 33),
     ),
+    PatternCase("sparse_strided", {"stride": 6}, (1, 5, 37)),
+    PatternCase("sparse_strided", {"stride": 1}, (1, 9)),
+    PatternCase("sparse_strided", {"stride": 4}, (16, 30)),
 ]
 
 
@@ -398,8 +401,9 @@ BAND_CASES = [
 )
 def test_band_path_with_columns_matches_the_dense_pattern(case, mask, causal, monkeypatch):
     """Longformer's and BigBird's global tokens and random blocks as block columns of the band
-    path (and global query rows), against the pattern written out densely: lengths shorter than
-    a block and than the global tokens, every key of a row masked, grouped heads."""
+    path (and global query rows), and the strided pattern's lanes, against the pattern written out
+    densely: lengths shorter than a block and than the global tokens, every key of a row masked,
+    grouped heads."""
     from attnrewrite.variants import patterns
 
     calls = []
