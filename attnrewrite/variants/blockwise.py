@@ -398,7 +398,6 @@ def band_attention(
     batch, heads, q_len = query.shape[:3]
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    bias_in = bias
     reach = ceil_div(window, block) if window else 0
     before, after = reach, 0 if causal else reach
     # Query blocks, at least 2; sym_max keeps "padded = blocks · b" a product torch.export's
@@ -435,7 +434,7 @@ def band_attention(
     if extra is None and bias is None and groups is None:
         # every query sees at least itself: the plain softmax
         weights = torch.softmax(scores, dim=-1)
-        out = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v)
+        out, total = torch.bmm(weights.flatten(3, 4).flatten(0, 2), v), None
     else:
         parts: list[tuple[Tensor, Callable[[Tensor], Tensor]]] = [
             (scores, lambda weights: _block_product(weights, v))
@@ -454,35 +453,32 @@ def band_attention(
             total = total + weights.sum(dim=-1, keepdim=True).flatten(3, 4).flatten(0, 2)
             out = out + product(weights)
     unchunk = unchunk_queries(q_len, padded, batch, kv_heads, group, block)
+
+    def rows(x: Tensor) -> Tensor:  # (blocks·B·Hkv, G·b, e) -> (B, H, Nq, e)
+        return unchunk(x).flatten(1, 2)
+
+    out, total = rows(out), None if total is None else rows(total)
     if groups is not None:
         # Merged in sequence order as flash attention merges blocks, at the common row maximum.
-        def rows(x: Tensor) -> Tensor:  # (blocks·B·Hkv, G·b, e) -> (B, H, Nq, e)
-            return unchunk(x).flatten(1, 2)
-
         flat = [rows(x.flatten(3, 4).flatten(0, 2)) for x in (raw_top.detach(), top)]
-        stats: RowStats = (*flat, rows(total), rows(out))
+        stats: RowStats = (*flat, total, out)
         mask = None if bias is None else bias.unsqueeze(-2)  # a key-only additive mask
         pattern_groups, allowed = groups
         earlier = [lambda i, j: (i - j).abs() <= window]  # the band's pairs
+        query, key, value = query.to(acc), key.to(acc), value.to(acc)
         for query_group in pattern_groups:
             row_max, row_total, row_weighted = _group_partials(
-                query.to(acc), key.to(acc), value.to(acc), query_group, allowed, earlier, mask,
-                scale,
-            )  # fmt: skip
+                query, key, value, query_group, allowed, earlier, mask, scale
+            )
             earlier = [*earlier, *(segment.covers for segment in query_group.segments)]
             part = (row_max[..., None], finite_or_zero(row_max)[..., None], row_total[..., None])
             stats = _merge_stats(stats, (*part, row_weighted))
         out, total = stats[3], stats[2]
-    elif extra is not None or bias is not None:
-        out, total = unchunk(out).flatten(1, 2), unchunk(total).flatten(1, 2)
-    else:
-        total = None
-        out = unchunk(out).flatten(1, 2)
     if total is not None:
         # A row with no allowed key (every key masked) gives 0, as sdpa's safe softmax does.
         out = out / torch.where(total > 0, total, torch.ones_like(total))
     if global_rows:
-        out = _with_global_rows(out, query, key, value, global_rows, causal, bias_in, scale)
+        out = _with_global_rows(out, query, key, value, global_rows, causal, bias, scale)
     return out.to(out_dtype)  # (B, H, Nq, dv)
 
 

@@ -301,15 +301,16 @@ class StridedSparseAttention(BandPatternAttention):
 
     def __init__(self, site: AttentionSite, *, seed: int | None = None, **options: Any) -> None:
         super().__init__(site, seed=seed, **options)
-        self.stride = self.options.stride or _default_stride(site)
+        self.stride = self.band_shape()[1]
 
     def band_shape(self) -> tuple[int, int]:
+        # read by the base class's constructor, before ``self.stride`` is set
         stride = self.options.stride or _default_stride(self.site)
         return stride - 1, stride
 
     def query_groups(self, q_len, k_len, causal, device):
-        groups, allows = self.pattern(q_len, k_len, causal, device)
-        return groups[1:], _and_causal(allows) if causal else allows  # the lanes
+        allowed = _and_causal(self.allows) if causal else self.allows
+        return [self._lanes(q_len, k_len, device)], allowed
 
     def allows(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         offset = query_pos - key_pos
@@ -321,15 +322,17 @@ class StridedSparseAttention(BandPatternAttention):
         stride = self.stride
         queries = block_queries(q_len, stride, device)
         band = band_segment(queries.shape[0], stride, 1, 0 if causal else 1, device)
-        # Column r holds positions r, r + l, r + 2l, ...: the "(i - j) mod l = 0" part.
+        groups = [QueryGroup(queries, (band,), in_order=True), self._lanes(q_len, k_len, device)]
+        return groups, self.allows
+
+    def _lanes(self, q_len: int, k_len: int, device: torch.device) -> QueryGroup:
+        """The "(i - j) mod l = 0" part: lane r holds positions r, r + l, r + 2l, ..."""
+        stride = self.stride
         lane = torch.arange(stride, device=device)[:, None]
         column_queries = lane + torch.arange(padded_count(q_len, stride), device=device) * stride
         column_keys = lane + torch.arange(padded_count(k_len, stride), device=device) * stride
         columns = KeySegment(column_keys, lambda i, j: torch.remainder(i - j, stride) == 0)
-        return [
-            QueryGroup(queries, (band,), in_order=True),
-            QueryGroup(column_queries, (columns,)),
-        ], self.allows
+        return QueryGroup(column_queries, (columns,))
 
 
 @dataclasses.dataclass(frozen=True)
