@@ -454,6 +454,10 @@ def _default_positions(
     return {"position_ids": default_positions(ids)}
 
 
+#: ``graph_module.meta`` key of a captured program: the inputs capture added (name -> kind).
+DEFAULT_KWARGS_META = "attnrewrite_default_kwargs"
+
+
 def default_positions(ids: torch.Tensor) -> torch.Tensor:
     """Positions 0..n-1 for each row of a (batch, n) input (what decoders use when not given)."""
     batch, length = ids.shape[0], ids.shape[1]
@@ -538,6 +542,26 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
                 + ", ".join(f"{n}={v!r}" for n, v in fixed.items())
                 + "; the rewritten model fills these in and refuses other values"
             )
+        # Inputs our own capture added (position_ids) are filled in again, as for the nn.Module.
+        defaulted = dict(model.graph_module.meta.get(DEFAULT_KWARGS_META, {}))
+        ids = k.get("input_ids")
+        for name in defaulted:
+            if name not in k and isinstance(ids, torch.Tensor):
+                k[name] = default_positions(ids)
+                notes.append(
+                    f"{name} filled in as the capture that made the program did (0, 1, ..., n-1 "
+                    "for every sequence when a call leaves it out)"
+                )
+        missing = [
+            name
+            for name, value in dict(example[1] or {}).items()
+            if name not in k and any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
+        ]
+        if missing:
+            raise InputMismatchError(
+                f"the ExportedProgram was exported with the tensor input(s) {missing}, which the "
+                "example kwargs leave out: pass them (shaped as the program's example inputs)"
+            )
         return Captured(
             gm,
             model,
@@ -547,6 +571,7 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
             notes=notes,
             fixed_kwargs=fixed,
             guards=_shape_guards(model, a, k, forward=None),
+            default_kwargs={name: defaulted[name] for name in defaulted if name in k},
         )
     if not isinstance(model, nn.Module):
         raise CaptureError(
@@ -641,6 +666,9 @@ def capture(model: Any, args: Any = None, kwargs: Any = None, *, dynamic: bool =
             "can give left-padded prompts the positions Hugging Face's generate gives them"
         )
     kwargs = {**kwargs, **fixed}
+    # Recorded on the program, so that a rewrite of it (``ar.rewrite(captured.program, ...)``)
+    # fills them in too.
+    program.graph_module.meta[DEFAULT_KWARGS_META] = dict.fromkeys(defaulted, "positions")
     gm = _private_copy(program)
     guards = _shape_guards(program, args, kwargs, forward=model.forward)
     if dynamic and not any("static shapes" in note for note in notes):

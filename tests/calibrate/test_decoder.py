@@ -218,11 +218,13 @@ DISTRIBUTED_CASES = {
 }
 
 
-def torchrun(decoder, batches, options, out: Path) -> dict:
-    """Calibrate on two gloo processes (``distributed_worker.py``): the result, and per rank the
-    parameters trained and what the worker saved afterwards."""
-    torch.save(decoder.state_dict(), out / "weights.pt")
-    torch.save(batches, out / "batches.pt")
+def torchrun(decoder, batches, cases: dict[str, tuple[dict, Path]]) -> dict:
+    """Calibrate on two gloo processes (``distributed_worker.py``), each case in turn in one
+    launch: per case, the result, and per rank the parameters trained and what the worker saved
+    afterwards."""
+    shared = next(iter(cases.values()))[1]
+    torch.save(decoder.state_dict(), shared / "weights.pt")
+    torch.save(batches, shared / "batches.pt")
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     run = subprocess.run(
@@ -233,10 +235,9 @@ def torchrun(decoder, batches, options, out: Path) -> dict:
             "--standalone",
             "--nproc_per_node=2",
             str(worker),
-            str(out / "weights.pt"),
-            str(out / "batches.pt"),
-            str(out),
-            json.dumps(options),
+            str(shared / "weights.pt"),
+            str(shared / "batches.pt"),
+            json.dumps([(options, str(out)) for options, out in cases.values()]),
         ],
         capture_output=True,
         text=True,
@@ -244,26 +245,30 @@ def torchrun(decoder, batches, options, out: Path) -> dict:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (out / "result-0.json").exists() and not (out / "result-1.json").exists()
-    return {
-        "result": CalibrationResult.from_json((out / "result-0.json").read_text()),
-        "parameters": [torch.load(out / f"parameters-{r}.pt", weights_only=True) for r in (0, 1)],
-        "after": [torch.load(out / f"after-{r}.pt", weights_only=True) for r in (0, 1)],
-        "out": out,
-    }
+    runs = {}
+    for case, (_, out) in cases.items():
+        assert (out / "result-0.json").exists() and not (out / "result-1.json").exists()
+        runs[case] = {
+            "result": CalibrationResult.from_json((out / "result-0.json").read_text()),
+            "parameters": [
+                torch.load(out / f"parameters-{r}.pt", weights_only=True) for r in (0, 1)
+            ],
+            "after": [torch.load(out / f"after-{r}.pt", weights_only=True) for r in (0, 1)],
+            "out": out,
+        }
+    return runs
 
 
 @pytest.fixture(scope="module")
 def two_processes(decoder, streams, tmp_path_factory):
     """The same calibration on two processes, with the frozen weights replicated and sharded."""
-    batches = streams[0][:4]
-    runs = {}
+    cases = {}
     for case, extra in DISTRIBUTED_CASES.items():
         out = tmp_path_factory.mktemp(case)
         if "checkpoint_every" in extra:  # checkpoints saved while sharded
             extra = {**extra, "checkpoint": str(out / "checkpoint")}
-        runs[case] = torchrun(decoder, batches, {**DISTRIBUTED_OPTIONS, **extra}, out)
-    return runs
+        cases[case] = ({**DISTRIBUTED_OPTIONS, **extra}, out)
+    return torchrun(decoder, streams[0][:4], cases)
 
 
 def frozen_numel(decoder) -> int:

@@ -27,10 +27,10 @@ _CAPTURED: dict[str, tuple[torch.nn.Module, tuple, torch.export.ExportedProgram]
 
 
 def _captured(case: Case) -> tuple[torch.nn.Module, tuple, torch.export.ExportedProgram]:
-    """The case's model, example and one capture of it, shared by the rewrite tests below
-    (capturing is most of their time; ``test_sites_found_with_their_semantics`` takes the
-    ``nn.Module`` path). Sharing is safe: a rewrite works on its own copy of the program's graph
-    and parameters (``capture``'s contract)."""
+    """The case's model, example and one capture of it, shared by every test below (capturing is
+    most of their time; ``test_module_and_program_entry_points_agree`` takes the ``nn.Module``
+    path). Sharing is safe: a rewrite works on its own copy of the program's graph and parameters
+    (``capture``'s contract)."""
     if case.name not in _CAPTURED:
         model, args = _build(case)
         _CAPTURED[case.name] = (model, args, capture(model, args).program)
@@ -43,8 +43,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", _params(CASES))
 def test_sites_found_with_their_semantics(case: Case) -> None:
-    model, args = _build(case)
-    sites = ar.find_attention(model, args=args)
+    _, args, program = _captured(case)
+    sites = ar.find_attention(program, args=args)
     assert len(sites) == case.sites, [s.name for s in sites]
     if case.masks:
         assert [str(s.mask) for s in sites] == list(case.masks)
@@ -63,6 +63,19 @@ def test_sites_found_with_their_semantics(case: Case) -> None:
         assert sites[0].scale == pytest.approx(case.scale, rel=1e-6)
     if case.sites:
         assert sites[0].attends_over == case.over
+
+
+#: a spread of the catalogue (with and without a mask input, cross attention, no attention) for
+#: the ``nn.Module`` entry point, which captures the model itself
+MODULE_PATH_CASES = [c for c in CASES if not c.slow][5::9]
+
+
+@pytest.mark.parametrize("case", MODULE_PATH_CASES, ids=lambda c: c.name)
+def test_module_and_program_entry_points_agree(case: Case) -> None:
+    model, args = _build(case)
+    from_module = ar.find_attention(model, args=args)
+    assert from_module == ar.find_attention(_captured(case)[2], args=args)
+    assert len(from_module) == case.sites
 
 
 @pytest.mark.parametrize("case", _params([c for c in CASES if c.sites]))

@@ -177,6 +177,37 @@ def test_a_program_captured_with_use_cache_false_is_rewritten_without_it() -> No
         rw(input_ids=other, use_cache=True)
 
 
+def test_a_program_captured_with_positions_added_is_rewritten_and_decodes_without_them() -> None:
+    """Called with a padding mask, a generating model is captured with ``position_ids`` as an
+    input; a rewrite of that program fills them in as the model's own rewrite does, decodes the
+    same tokens, and a tensor input the program needs but the example leaves out is named."""
+    model = _hf_model("llama", "eager")
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(1, 64, (2, 8), generator=g), torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    captured = capture(model, kwargs=kwargs)
+    assert captured.default_kwargs == {"position_ids": "positions"}
+    rw = ar.rewrite(captured.program, "linear", kwargs=kwargs)
+    assert any("position_ids filled in" in note for note in rw.report.notes)
+    other = {
+        "input_ids": torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(1)),
+        "attention_mask": torch.ones(3, 5, dtype=torch.long),
+    }
+    direct = ar.rewrite(model, "linear", kwargs=kwargs)
+    with torch.no_grad():
+        assert _rel(rw(**other).logits, direct(**other).logits) <= 1e-6
+    assert torch.equal(
+        rw.generate(ids, mask, max_new_tokens=4), direct.generate(ids, mask, max_new_tokens=4)
+    )
+    positions = torch.arange(8).expand(2, 8)
+    program = torch.export.export(
+        model, (), {**kwargs, "position_ids": positions, "use_cache": False}
+    )
+    with pytest.raises(InputMismatchError, match=r"\['position_ids'\].*pass them"):
+        ar.rewrite(program, "linear", kwargs=kwargs)
+
+
 class CacheOutput:
     """Not a pytree type, like a ``DynamicCache``."""
 
