@@ -195,6 +195,29 @@ def safe_softmax(scores: Tensor, dim: int = -1) -> Tensor:
     return weights / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def fused_attention(
+    query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None = None, scale: float = 1.0
+) -> Tensor:
+    """softmax(q·kᵀ·scale + bias) v, as :func:`safe_softmax` gives it (a row whose bias is -inf
+    at every key is 0), through one ``scaled_dot_product_attention``: its fused kernel never holds
+    the (Nq, Nk) scores, and is what the exact softmax it replaces runs at.
+
+    Args:
+        query: (B, H, Nq, e); key: (B|1, H, Nk, e); value: (B|1, H, Nk, dv), all one dtype.
+        bias: additive, broadcastable to (B, H, Nq, Nk), -inf for a pair left out; or None.
+        scale: factor on q·k.
+    """
+    if bias is not None:
+        bias = bias.to(query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+    if bias is None:
+        return out
+    # torch's kernels give 0 on a row with no allowed key; ONNX's Softmax (and older torch)
+    # NaN. The row is zeroed here, so every backend computes the same.
+    allowed = (bias > float("-inf")).any(dim=-1, keepdim=True)
+    return torch.where(allowed, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
 # -- the core ------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,8 @@ from attnrewrite.variants.blockwise import (
     block_gather,
     block_queries,
     finite_or_zero,
+    fused_attention,
     padded_count,
-    safe_softmax,
 )
 
 
@@ -96,18 +96,16 @@ class SetTransformerAttention(AttentionVariant):
         heads = query.shape[1]
         points = self.inducing.to(acc)
         key, value = repeat_kv(key.to(acc), heads), repeat_kv(value.to(acc), heads)
-        summary_scores = torch.matmul(points, key.transpose(-1, -2)) * scale  # (B, H, m, Nk)
-        bias = _key_bias(mask, acc)
+        points = points.expand(key.shape[0], heads, -1, -1)  # (B, H, m, d)
+        bias = _key_bias(mask, acc)  # (B|1, H|1, 1, Nk) or None
+        summaries = fused_attention(points, key, value, bias, scale)  # (B, H, m, dv)
+        empty = None
         if bias is not None:
-            summary_scores = summary_scores + bias
-        summaries = torch.matmul(safe_softmax(summary_scores), value)  # (B, H, m, dv)
-        if bias is not None:
-            # A point whose keys are all masked summarises nothing: queries give it no weight.
-            empty = torch.isneginf(summary_scores).all(dim=-1)  # (B, H, m)
-        scores = torch.matmul(query.to(acc), points.transpose(-1, -2)) * scale  # (B, H, Nq, m)
-        if bias is not None:
-            scores = scores.masked_fill(empty.unsqueeze(-2), float("-inf"))
-        return torch.matmul(safe_softmax(scores), summaries).to(query.dtype)
+            # Keys all masked: every point summarises nothing, and queries give it no weight.
+            nothing = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (B|1, H|1, 1, 1)
+            empty = torch.zeros(nothing.shape, dtype=acc, device=nothing.device)
+            empty = empty.masked_fill(nothing, float("-inf"))
+        return fused_attention(query.to(acc), points, summaries, empty, scale).to(query.dtype)
 
 
 # -- Memory-compressed attention -------------------------------------------------------------------
@@ -201,16 +199,17 @@ class MemoryCompressedAttention(AttentionVariant):
         compressed_value = self.compress(value, self.value_compression, kept).index_select(
             1, kv_head
         )
-        scores = torch.matmul(query, compressed_key.transpose(-1, -2)) * scale  # (B, H, Nq, C)
         index, inside = _blocks(k_len, stride, query.device)
         real = inside.to(acc)
         kept_sum = real.sum(-1) if weights is None else (weights[:, :, index] * real).sum(-1)
         block_weight = kept_sum / real.sum(-1).clamp_min(1.0)
         block_bias = torch.log(block_weight.clamp_min(torch.finfo(acc).tiny))
-        block_bias = block_bias.masked_fill(block_weight <= 0, float("-inf"))
-        scores = scores + block_bias.unsqueeze(-2)
+        block_bias = block_bias.masked_fill(block_weight <= 0, float("-inf")).unsqueeze(-2)
         if not causal:
-            return torch.matmul(safe_softmax(scores), compressed_value).to(out_dtype)
+            out = fused_attention(query, compressed_key, compressed_value, block_bias, scale)
+            return out.to(out_dtype)
+        scores = torch.matmul(query, compressed_key.transpose(-1, -2)) * scale  # (B, H, Nq, C)
+        scores = scores + block_bias
 
         count = index.shape[0]
         query_block = torch.div(

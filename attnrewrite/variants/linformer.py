@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.site import AttentionSite, MaskClass
 from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
-from attnrewrite.variants.blockwise import safe_softmax
+from attnrewrite.variants.blockwise import fused_attention
 
 #: Projection length when neither the option nor the site's key length at capture gives one.
 DEFAULT_MAX_LEN = 512
@@ -178,6 +178,4 @@ class LinformerAttention(AttentionVariant):
         bias = pooled_key_bias(key_proj, weights)  # (k,) or (B|1, H|1, k)
         key = repeat_kv(torch.matmul(key_proj, key), heads)  # (B, H, k, d)
         value = repeat_kv(torch.matmul(value_proj, value), heads)
-        scores = torch.matmul(query.to(acc), key.transpose(-1, -2)) * scale
-        scores = scores + bias.unsqueeze(-2)
-        return torch.matmul(safe_softmax(scores), value).to(query.dtype)
+        return fused_attention(query.to(acc), key, value, bias.unsqueeze(-2), scale).to(query.dtype)

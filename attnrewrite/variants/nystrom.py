@@ -10,7 +10,7 @@ from torch import Tensor
 
 from attnrewrite.site import MaskClass
 from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
-from attnrewrite.variants.blockwise import safe_softmax
+from attnrewrite.variants.blockwise import fused_attention, safe_softmax
 from attnrewrite.variants.linformer import pooled_key_bias
 
 
@@ -124,16 +124,16 @@ class NystromAttention(AttentionVariant):
         landmark_bias = pooled_key_bias(key_members, weights).unsqueeze(-2)
 
         landmarks_t = key_landmarks.transpose(-1, -2)
-        kernel_1 = safe_softmax(torch.matmul(query, landmarks_t) * scale + landmark_bias)
         kernel_2 = safe_softmax(torch.matmul(query_landmarks, landmarks_t) * scale + landmark_bias)
         kernel_2 = kernel_2 * query_present
-        scores_3 = torch.matmul(query_landmarks, key.transpose(-1, -2)) * scale
-        if mask is not None:
-            scores_3 = scores_3 + _additive(mask, acc)
-        kernel_3 = safe_softmax(scores_3) * query_present
-        mixed = torch.matmul(kernel_3, value)  # (B, H, m, dv)
+        # kernel_3 · V and kernel_1 · (pinv(kernel_2) · kernel_3 · V) are softmax attentions of
+        # the query landmarks over the keys and of the queries over the key landmarks: fused,
+        # neither (m, Nk) nor (Nq, m) weights are held.
+        bias_3 = None if mask is None else _additive(mask, acc)
+        mixed = fused_attention(query_landmarks, key, value, bias_3, scale) * query_present
         inverse = iterative_pinv(kernel_2, self.options.pinv_iterations)
-        out = torch.matmul(kernel_1, torch.matmul(inverse, mixed))
+        mixed = torch.matmul(inverse, mixed)  # (B, H, m, dv)
+        out = fused_attention(query, key_landmarks, mixed, landmark_bias, scale)
         return out.to(out_dtype)
 
 

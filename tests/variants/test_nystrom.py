@@ -109,3 +109,49 @@ def test_exports_with_dynamic_length():
     for other in (6, 57):  # fewer tokens than landmarks, and more
         args = (*inputs(other, other, seed=1), key_mask("bool", other))
         torch.testing.assert_close(program.module()(*args), module(*args))
+
+
+def landmark_reference(query, key, value, mask, scale, m):
+    """Nyströmformer written out in float64 with fewer landmarks than tokens (N divisible by m):
+    landmarks are the means of m consecutive segments (key landmarks over kept keys only), the
+    key landmarks carry log(share of kept keys) as a bias (the masked mean's weight; -inf for a
+    segment with none), and out = K₁ · pinv(K₂) · K₃ · v with K₁ = softmax(q·L̃ᵀ·s + b),
+    K₂ = softmax(Q̃·L̃ᵀ·s + b), K₃ = softmax(Q̃·kᵀ·s + mask), pinv from torch.linalg."""
+    group = query.shape[1] // key.shape[1]
+    key, value = (
+        key.repeat_interleave(group, 1).double(),
+        value.repeat_interleave(group, 1).double(),
+    )
+    query = query.double()
+    batch, heads, n, _ = key.shape
+    if mask is None:
+        kept, additive = torch.ones(batch, 1, 1, n), torch.zeros(batch, 1, 1, n)
+    elif mask.dtype == torch.bool:
+        kept = mask.double()
+        additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    else:
+        kept, additive = mask.double().exp(), mask.double()
+    kept = kept.expand(batch, heads, 1, n)[:, :, 0]  # (B, H, N) weights of the keys
+    size = n // m
+    q_land = query.unflatten(2, (m, size)).mean(3)
+    present = (kept > 0).double().unflatten(2, (m, size))  # keys in each segment's mean
+    k_land = (key.unflatten(2, (m, size)) * present[..., None]).sum(3)
+    k_land = k_land / present.sum(3, keepdim=True).clamp_min(1)
+    share = kept.unflatten(2, (m, size)).mean(3)
+    bias = torch.where(share > 0, share.log(), torch.full_like(share, float("-inf")))[:, :, None]
+    k1 = torch.softmax(query @ k_land.transpose(-1, -2) * scale + bias, -1)
+    k2 = torch.softmax(q_land @ k_land.transpose(-1, -2) * scale + bias, -1)
+    k3 = torch.softmax(q_land @ key.transpose(-1, -2) * scale + additive.double(), -1)
+    return k1 @ torch.linalg.pinv(k2) @ k3 @ value
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_fewer_landmarks_than_tokens_match_the_definition(mask_kind):
+    n, m = 24, 6
+    query, key, value = (t.double() for t in inputs(n, n))
+    mask = key_mask(mask_kind, n)
+    mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    out = nystrom(n, num_landmarks=m, pinv_iterations=40)(query, key, value, mask=mask, scale=0.4)
+    want = landmark_reference(query, key, value, mask, 0.4, m)
+    # 40 iterations of the iterative pseudo-inverse against an SVD one: 2e-8 at most seen here
+    assert relative_error(out, want) <= 1e-6

@@ -47,6 +47,62 @@ def test_shapes_parameters_and_gradients(mode):
     assert dict(variant.named_parameters())[last].grad.abs().sum() > 0
 
 
+def reference(variant, query, value, mask, causal):
+    """The definition written out per head and query row, in float64: logits B_i (dense: the
+    MLP on q_i; random: R_i; factorized: R₁_i·R₂ᵀ), the mask added (booleans: -inf), future keys
+    -inf when causal, then softmax over the allowed keys (a row with none is 0) times v."""
+    params = {k: v.double() for k, v in variant.named_parameters()}
+    batch, heads, q_len, _ = query.shape
+    k_len = value.shape[2]
+    group = heads // value.shape[1]
+    out = torch.zeros(batch, heads, q_len, value.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                if variant.options.mode == "dense":
+                    hidden = torch.relu(
+                        query[b, h, i].double() @ params["hidden_weight"][h]
+                        + params["hidden_bias"][h]
+                    )
+                    row = hidden @ params["logit_weight"][h, :, :k_len]
+                    row = row + params["logit_bias"][h, :k_len]
+                elif variant.options.mode == "random":
+                    row = params["logits"][h, i, :k_len].clone()
+                else:
+                    row = params["key_factor"][h, :k_len] @ params["query_factor"][h, i]
+                if mask is not None:
+                    m = mask.expand(batch, heads, q_len, k_len)[b, h, i]
+                    row = row.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else row + m
+                if causal:
+                    row[i + 1 :] = float("-inf")
+                if torch.isinf(row).all():
+                    continue
+                out[b, h, i] = torch.softmax(row, dim=0) @ value[b, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "general-empty-row"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_the_dense_definition(mode, mask_kind, causal):
+    """Trained-looking parameters, every mask kind (a query row with no allowed key included),
+    against :func:`reference`: the fused path of dense and factorized_random computes the
+    definition."""
+    n = 12
+    query, key, value = inputs(n, n)
+    if mask_kind == "general-empty-row":
+        mask = key_mask("bool", n).expand(2, HEADS, n, n).clone()
+        mask[1, 2, 5, :] = False  # query 5 of head 2 in batch 1 sees no key at all
+    else:
+        mask = key_mask(mask_kind, n)
+    variant = synthesizer(mode, randomise=True)
+    with torch.no_grad():
+        out = variant(query, key, value, mask=mask, causal=causal, scale=0.4)
+    want = reference(variant, query, value, mask, causal)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mode", MODES)
 def test_untrained_rewrite_is_a_masked_mean_of_values(mode, causal):
@@ -129,3 +185,24 @@ def test_exports_with_dynamic_length(mode):
     )
     other = (*inputs(23, 23, seed=1), key_mask("bool", 23))
     torch.testing.assert_close(program.module()(*other), module(*other))
+
+
+def test_a_row_with_no_allowed_key_is_zero_in_onnx_runtime(tmp_path):
+    """ONNX's Softmax gives NaN on a row of -inf (torch's kernels give 0): the fused path zeroes
+    such rows itself, so ONNX Runtime computes the definition too."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    n = 12
+    query, key, value = inputs(n, n)
+    mask = key_mask("bool", n).expand(2, HEADS, n, n).clone()
+    mask[1, 2, 5, :] = False
+    variant = synthesizer("dense", randomise=True)
+    module = Call(variant, causal=False).eval()
+    path = tmp_path / "synthesizer.onnx"
+    torch.onnx.export(module, (query, key, value, mask), path, dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: t.numpy() for name, t in zip(names, (query, key, value, mask), strict=True)}
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    want = reference(variant, query, value, mask, causal=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
