@@ -267,6 +267,15 @@ def causal_keep(q_len: int, k_len: int, device: torch.device) -> Tensor:
     return j <= i
 
 
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """An sdpa-style mask as an additive bias in ``dtype``: 0 / -inf for a boolean one."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")
+    )
+
+
 def combine_mask(
     mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
 ) -> Tensor | None:

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from attnrewrite.site import KERNEL_MASK_CLASSES, AttentionSite, MaskClass
-from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
+from attnrewrite.variants.base import (
+    AttentionVariant,
+    additive_mask,
+    compute_dtype,
+    key_weights,
+    repeat_kv,
+)
 from attnrewrite.variants.blockwise import (
     band_segment,
     block_gather,
@@ -23,16 +29,6 @@ from attnrewrite.variants.blockwise import (
     fused_attention,
     padded_count,
 )
-
-
-def _key_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A key-only mask (B|1, H|1, 1, Nk) as an additive bias (-inf where a boolean one is False)."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-        ~mask, float("-inf")
-    )
-
 
 # -- Set Transformer -------------------------------------------------------------------------------
 
@@ -97,14 +93,13 @@ class SetTransformerAttention(AttentionVariant):
         points = self.inducing.to(acc)
         key, value = repeat_kv(key.to(acc), heads), repeat_kv(value.to(acc), heads)
         points = points.expand(key.shape[0], heads, -1, -1)  # (B, H, m, d)
-        bias = _key_bias(mask, acc)  # (B|1, H|1, 1, Nk) or None
+        bias = additive_mask(mask, acc)  # (B|1, H|1, 1, Nk) or None
         summaries = fused_attention(points, key, value, bias, scale)  # (B, H, m, dv)
         empty = None
         if bias is not None:
             # Keys all masked: every point summarises nothing, and queries give it no weight.
-            nothing = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (B|1, H|1, 1, 1)
-            empty = torch.zeros(nothing.shape, dtype=acc, device=nothing.device)
-            empty = empty.masked_fill(nothing, float("-inf"))
+            something = ~torch.isneginf(bias).all(dim=-1, keepdim=True)  # (B|1, H|1, 1, 1)
+            empty = additive_mask(something, acc)
         return fused_attention(query.to(acc), points, summaries, empty, scale).to(query.dtype)
 
 

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from attnrewrite.site import MaskClass
-from attnrewrite.variants.base import AttentionVariant, compute_dtype, key_weights, repeat_kv
+from attnrewrite.variants.base import (
+    AttentionVariant,
+    additive_mask,
+    compute_dtype,
+    key_weights,
+    repeat_kv,
+)
 from attnrewrite.variants.blockwise import fused_attention, safe_softmax
 from attnrewrite.variants.linformer import pooled_key_bias
 
@@ -129,16 +135,9 @@ class NystromAttention(AttentionVariant):
         # kernel_3 · V and kernel_1 · (pinv(kernel_2) · kernel_3 · V) are softmax attentions of
         # the query landmarks over the keys and of the queries over the key landmarks: fused,
         # neither (m, Nk) nor (Nq, m) weights are held.
-        bias_3 = None if mask is None else _additive(mask, acc)
+        bias_3 = additive_mask(mask, acc)
         mixed = fused_attention(query_landmarks, key, value, bias_3, scale) * query_present
         inverse = iterative_pinv(kernel_2, self.options.pinv_iterations)
         mixed = torch.matmul(inverse, mixed)  # (B, H, m, dv)
         out = fused_attention(query, key_landmarks, mixed, landmark_bias, scale)
         return out.to(out_dtype)
-
-
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A key-only mask as an additive bias: 0 / -inf for boolean masks."""
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
-    return mask.to(dtype)

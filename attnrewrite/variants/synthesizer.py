@@ -11,7 +11,13 @@ from torch import Tensor, nn
 
 from attnrewrite.errors import VariantOptionError
 from attnrewrite.site import ALL_MASK_CLASSES, AttentionSite, MaskClass
-from attnrewrite.variants.base import AttentionVariant, combine_mask, compute_dtype, repeat_kv
+from attnrewrite.variants.base import (
+    AttentionVariant,
+    additive_mask,
+    combine_mask,
+    compute_dtype,
+    repeat_kv,
+)
 from attnrewrite.variants.blockwise import fused_attention, safe_softmax
 from attnrewrite.variants.linformer import leading
 
@@ -132,12 +138,8 @@ class SynthesizerAttention(AttentionVariant):
         batch, heads = max(left.shape[0], query.shape[0]), query.shape[1]
         left = left.expand(batch, heads, -1, -1)
         value = repeat_kv(value.to(left.dtype), heads)
-        attn_mask = combine_mask(mask, causal, query.shape[-2], key_len, query.device)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            zeros = torch.zeros((), dtype=left.dtype, device=left.device)
-            attn_mask = torch.where(attn_mask, zeros, float("-inf"))
-        elif attn_mask is not None:
-            attn_mask = attn_mask.to(left.dtype)
+        combined = combine_mask(mask, causal, query.shape[-2], key_len, query.device)
+        attn_mask = additive_mask(combined, left.dtype)
         if bias is not None:
             attn_mask = bias if attn_mask is None else attn_mask + bias
         out = fused_attention(left, right.expand(batch, heads, -1, -1), value, attn_mask)
