@@ -31,8 +31,8 @@ from attnrewrite.variants.blockwise import (
     PairPredicate,
     QueryGroup,
     band_attention,
+    band_bias,
     band_segment,
-    band_table,
     block_queries,
     ceil_div,
     is_key_only,
@@ -157,9 +157,10 @@ class BandPatternAttention(PatternAttention):
             self.register_buffer(name, self.band_predicate(causal), persistent=False)
 
     def band_predicate(self, causal: bool) -> Tensor:
-        """Which (query of a block, key slot of its window) pairs the band keeps: by default the
-        window |i − j| <= w (:func:`~attnrewrite.variants.blockwise.band_table`)."""
-        return band_table(*self.band_shape(), causal)
+        """Which (query of a block, key slot of its window) pairs the band keeps, as an additive
+        mask (0 kept, -inf not): by default the window |i − j| <= w
+        (:func:`~attnrewrite.variants.blockwise.band_bias`)."""
+        return band_bias(*self.band_shape(), causal)
 
     def forward(self, query, key, value, *, mask=None, causal=False, scale=1.0):
         if self.site.is_cross or (mask is not None and not is_key_only(mask)):

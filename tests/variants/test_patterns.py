@@ -347,12 +347,16 @@ def _dense_window(q, k, v, w, causal, keep, scale):
 @pytest.mark.parametrize("mask", [None, "shared", "per-head"])
 @pytest.mark.parametrize(("w", "block"), [(0, None), (5, None), (16, 8), (40, 16)])
 def test_local_band_path_matches_the_dense_window(causal, mask, w, block, monkeypatch) -> None:
-    from attnrewrite.variants import patterns
+    from attnrewrite.variants import blockwise, patterns
 
-    calls = []
+    calls, plain = [], []
     real = patterns.band_attention
     monkeypatch.setattr(
         patterns, "band_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    real_plain = blockwise._plain_band
+    monkeypatch.setattr(
+        blockwise, "_plain_band", lambda *a, **kw: plain.append(1) or real_plain(*a, **kw)
     )
     heads, kv_heads = 4, 2
     site = make_site(num_heads=heads, num_kv_heads=kv_heads, head_dim=16, causal=causal)
@@ -371,6 +375,8 @@ def test_local_band_path_matches_the_dense_window(causal, mask, w, block, monkey
         expected = _dense_window(q, k, v, w, causal, keep, 0.3)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == len(lengths)  # every call took the band path
+    # without a mask, at these static lengths, its in-place layout
+    assert len(plain) == (len(lengths) if mask is None else 0)
 
 
 BAND_CASES = [
